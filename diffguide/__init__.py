@@ -1,0 +1,6 @@
+"""diffguide: diffusion sampling and guidance methods for Hugging Face diffusers pipelines."""
+
+from .models import DigitsPipeline, load_default_pipeline, load_digits, load_judge
+
+__all__ = ["DigitsPipeline", "load_default_pipeline", "load_digits", "load_judge"]
+__version__ = "0.1.0"

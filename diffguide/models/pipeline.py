@@ -1,0 +1,244 @@
+"""``DigitsPipeline``: the embedded default model as a diffusers pipeline.
+
+A class-conditional pixel-space diffusion model of handwritten digits: a ``UNet2DModel``
+with a class embedding of ``num_classes + 1`` rows, the last row being the null class that
+classifier-free guidance uses as its unconditional input (it was trained with label
+dropout). Guidance follows ``StableDiffusionPipeline`` exactly: one denoiser call on the
+batch ``[uncond, cond]`` per step, then ``u + w (c - u)``, so guidance hooks that work on
+Stable Diffusion attach to this pipeline unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+@dataclass
+class DigitsPipelineOutput(BaseOutput):
+    """Output of :class:`DigitsPipeline`.
+
+    Attributes:
+        images: a list of PIL ``L`` images, a numpy array (B, H, W, C) or a tensor
+            (B, C, H, W), all with values in [0, 1] (PIL: 0-255).
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+def _label_tensor(class_labels: int | Sequence[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
+    labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+    if labels.numel() == 0:
+        raise ValueError("class_labels is empty: pass at least one class label")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.numel():
+        raise ValueError(
+            f"class label {bad[0].item()} is out of range: this model knows classes 0-{num_classes - 1}"
+        )
+    return labels
+
+
+class DigitsPipeline(DiffusionPipeline):
+    """Class-conditional digit generation with classifier-free guidance.
+
+    Args:
+        unet: a ``UNet2DModel`` with ``num_class_embeds = num_classes + 1``; the last class
+            index is the null (unconditional) class.
+        scheduler: any diffusers scheduler; swap with
+            ``pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)``.
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        if unet.config.num_class_embeds is None or unet.config.num_class_embeds < 2:
+            raise ValueError(
+                "DigitsPipeline needs a class-conditional UNet2DModel (num_class_embeds = classes + 1)"
+            )
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of real classes; the class index ``num_classes`` is the null class."""
+        return self.unet.config.num_class_embeds - 1
+
+    @property
+    def null_class(self) -> int:
+        """The class index the unconditional half of the CFG batch uses."""
+        return self.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images this model generates."""
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, height, width)
+
+    def _step_kwargs(self, generator: torch.Generator | None, eta: float) -> dict[str, Any]:
+        import inspect
+
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs: dict[str, Any] = {}
+        if "eta" in accepted:
+            kwargs["eta"] = eta
+        if "generator" in accepted:
+            kwargs["generator"] = generator
+        return kwargs
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | Sequence[int] | torch.Tensor,
+        guidance_scale: float = 3.0,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> DigitsPipelineOutput | tuple:
+        """Generate one image per entry of ``class_labels``.
+
+        Args:
+            class_labels: digit class(es), 0 to ``num_classes - 1``.
+            guidance_scale: CFG scale ``w`` in ``u + w (c - u)``; ``w <= 1`` skips the
+                unconditional half (one network evaluation per step), as diffusers does.
+            num_inference_steps: denoising steps (>= 1).
+            generator: torch generator(s) for reproducible noise.
+            latents: optional starting noise (B, C, H, W).
+            eta: DDIM's eta (ignored by schedulers without it).
+            output_type: ``"pil"``, ``"np"`` (B, H, W, C) or ``"pt"`` (B, C, H, W), in [0, 1].
+            return_dict: return a :class:`DigitsPipelineOutput` rather than a tuple.
+            callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` called
+                after each step; returning ``{"latents": ...}`` replaces the latents.
+            callback_on_step_end_tensor_inputs: tensors passed in ``callback_kwargs``.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}; choose one of {OUTPUT_TYPES}")
+        if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
+        if not np.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {sorted(unknown)} not available; "
+                f"choose from {self._callback_tensor_inputs}"
+            )
+
+        device = self._execution_device
+        labels = _label_tensor(class_labels, self.num_classes).to(device)
+        batch_size = labels.shape[0]
+        do_cfg = guidance_scale > 1.0
+        self._guidance_scale = guidance_scale
+        if do_cfg:
+            # [uncond, cond], the layout StableDiffusionPipeline uses.
+            model_labels = torch.cat([torch.full_like(labels, self.null_class), labels])
+        else:
+            model_labels = labels
+
+        shape = (batch_size, *self.image_shape)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        else:
+            latents = latents.to(device=device, dtype=self.unet.dtype)
+
+        self.scheduler.set_timesteps(int(num_inference_steps), device=device)
+        timesteps = self.scheduler.timesteps
+        latents = latents * self.scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(generator, eta)
+        self._num_timesteps = len(timesteps)
+
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                model_input = torch.cat([latents] * 2) if do_cfg else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                noise_pred = self.unet(model_input, t, class_labels=model_labels).sample
+                if do_cfg:
+                    noise_uncond, noise_cond = noise_pred.chunk(2)
+                    noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+
+                if callback_on_step_end is not None:
+                    available = {"latents": latents}
+                    callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = callback_outputs.get("latents", latents)
+                progress_bar.update()
+
+        images = (latents / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            output = images
+        else:
+            array = images.permute(0, 2, 3, 1).float().cpu().numpy()
+            output = array if output_type == "np" else self.numpy_to_pil(array)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (output,)
+        return DigitsPipelineOutput(images=output)
+
+
+def default_unet(sample_size: int = 28, num_classes: int = 10) -> UNet2DModel:
+    """The architecture of the embedded default model (about 1.6M parameters at 28x28)."""
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64, 96),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=32,
+        num_class_embeds=num_classes + 1,
+    )
+
+
+def default_scheduler_config() -> dict[str, Any]:
+    """The noise schedule the default model is trained with (1,000 steps, cosine)."""
+    return {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon"}
+
+
+def default_sampling_scheduler() -> DDIMScheduler:
+    """DDIM over the training schedule: the pipeline's default sampler."""
+    return DDIMScheduler(**default_scheduler_config(), timestep_spacing="trailing", clip_sample=True)
+
+
+SAMPLERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+}
+
+
+def use_sampler(pipe: DiffusionPipeline, name: str) -> DiffusionPipeline:
+    """Swap the pipeline's scheduler for a diffusers one by short name, keeping its noise schedule."""
+    import diffusers
+
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    scheduler_class = getattr(diffusers, SAMPLERS[name])
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    return pipe

@@ -1,0 +1,174 @@
+"""Training of the embedded default model: DDPM's epsilon objective with label dropout.
+
+``diffguide train default`` runs :func:`train_default`. Each step draws a batch from the
+train split (never the test split), a uniform timestep and Gaussian noise per image, replaces
+the label by the null class with probability ``label_dropout`` (so the same network gives
+the unconditional prediction CFG needs), and minimises ``||eps - eps_theta(x_t, t, y)||^2``.
+An exponential moving average of the weights is what gets saved.
+
+Every random draw comes from one seeded ``torch.Generator`` whose state is checkpointed with
+the model, the EMA and the optimizer, so a resumed run continues exactly as an uninterrupted
+one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from .data import load_digits
+from .pipeline import DigitsPipeline, default_sampling_scheduler, default_scheduler_config, default_unet
+
+
+@dataclass
+class DefaultTrainingConfig:
+    """Hyper-parameters of ``diffguide train default`` (the shipped model uses these defaults)."""
+
+    steps: int = 1800
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    label_dropout: float = 0.1
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    source: str = "mnist"
+    checkpoint_every: int = 100
+
+
+def _lr_factor(step: int, config: DefaultTrainingConfig) -> float:
+    """Linear warm-up, then cosine decay to zero at the last step."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _checkpoint_path(run_dir: Path) -> Path:
+    return run_dir / "checkpoint.pt"
+
+
+def train_default(
+    output_dir: str | Path,
+    run_dir: str | Path,
+    config: DefaultTrainingConfig | None = None,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> dict | None:
+    """Train the default digits model and save it with ``save_pretrained`` in ``output_dir``.
+
+    ``run_dir`` holds the resumable checkpoint; re-running with the same ``run_dir`` continues
+    from the last checkpoint. ``stop_after_steps`` ends the run early after a checkpoint
+    (returning ``None``), as an interruption would. Returns the training record also written
+    to ``output_dir/training.json``.
+    """
+    config = config or DefaultTrainingConfig()
+    output_dir, run_dir = Path(output_dir), Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+
+    images, labels = load_digits("train", source=config.source)
+    data = images * 2 - 1
+    num_classes = int(labels.max()) + 1
+    unet = default_unet(sample_size=data.shape[-1], num_classes=num_classes)
+    noise_scheduler = DDPMScheduler(**default_scheduler_config())
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    ema = EMAModel(unet.parameters(), decay=config.ema_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    step, elapsed, order, cursor = 0, 0.0, torch.randperm(len(data), generator=generator), 0
+    losses: list[float] = []
+    checkpoint = _checkpoint_path(run_dir)
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=True)
+        if state["config"] != asdict(config):
+            raise ValueError(
+                f"{checkpoint} was written with another config ({state['config']}); "
+                "use a new --run-dir or the same settings"
+            )
+        unet.load_state_dict(state["unet"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+        step, elapsed, order, cursor = state["step"], state["elapsed"], state["order"], state["cursor"]
+        losses = state["losses"]
+
+    def save_checkpoint() -> None:
+        state = {
+            "config": asdict(config),
+            "unet": unet.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_schedule": lr_schedule.state_dict(),
+            "ema": ema.state_dict(),
+            "generator": generator.get_state(),
+            "step": step,
+            "elapsed": elapsed,
+            "order": order,
+            "cursor": cursor,
+            "losses": losses,
+        }
+        torch.save(state, checkpoint.with_suffix(".tmp"))
+        checkpoint.with_suffix(".tmp").replace(checkpoint)
+
+    unet.train()
+    bar = tqdm(total=config.steps, initial=step, desc="train default", disable=not progress)
+    while step < config.steps:
+        started = time.perf_counter()
+        if cursor + config.batch_size > len(order):
+            order, cursor = torch.randperm(len(data), generator=generator), 0
+        index = order[cursor : cursor + config.batch_size]
+        cursor += config.batch_size
+        x0, y = data[index], labels[index].clone()
+        drop = torch.rand(len(y), generator=generator) < config.label_dropout
+        y[drop] = num_classes
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(y),), generator=generator)
+        noisy = noise_scheduler.add_noise(x0, noise, t)
+
+        loss = F.mse_loss(unet(noisy, t, class_labels=y).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
+        optimizer.step()
+        lr_schedule.step()
+        ema.step(unet.parameters())
+
+        step += 1
+        losses.append(loss.item())
+        elapsed += time.perf_counter() - started
+        bar.update()
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            save_checkpoint()
+        if stop_after_steps is not None and step >= stop_after_steps:
+            save_checkpoint()
+            bar.close()
+            return None
+    bar.close()
+
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    pipe = DigitsPipeline(unet=unet, scheduler=default_sampling_scheduler())
+    pipe.save_pretrained(output_dir, safe_serialization=True)
+    record = {
+        "config": asdict(config),
+        "train_images": len(data),
+        "parameters": sum(p.numel() for p in unet.parameters()),
+        "steps": step,
+        "train_seconds": round(elapsed, 1),
+        "torch_threads": torch.get_num_threads(),
+        "final_loss_mean_last_100": sum(losses[-100:]) / len(losses[-100:]),
+    }
+    (output_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
