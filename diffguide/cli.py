@@ -65,8 +65,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_output_path(out)
 
-    import torch
-
+    from .generation import generate_samples
     from .images import labelled_grid
     from .models import load_default_pipeline
     from .models.pipeline import use_sampler
@@ -79,13 +78,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     class_labels = [label for label in labels for _ in range(args.n)]
     started = time.perf_counter()
     with count_nfe(pipe.unet) as nfe:
-        images = pipe(
+        images = generate_samples(
+            pipe,
             class_labels,
+            seed=args.seed,
+            batch_size=len(class_labels),
             guidance_scale=args.scale,
             num_inference_steps=args.steps,
-            generator=torch.Generator().manual_seed(args.seed),
-            output_type="pt",
-        ).images
+        )
     seconds = time.perf_counter() - started
     labelled_grid(images, [str(label) for label in labels]).save(out)
     print(

@@ -1,0 +1,52 @@
+"""Writing eval results: a JSON file per run and a marked section of docs/BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
+RESULTS = ROOT / "evals" / "results"
+
+
+def machine() -> str:
+    """One line naming the hardware the numbers came from."""
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    return f"{platform.machine()}, {device}, torch {torch.__version__}"
+
+
+def write_result(name: str, record: dict) -> Path:
+    """Save ``record`` as evals/results/<name>.json."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def write_section(name: str, markdown: str) -> None:
+    """Replace (or append) the section between ``<!-- BEGIN name -->`` and ``<!-- END name -->``."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
+    text = (
+        pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    )
+    BENCHMARKS.parent.mkdir(parents=True, exist_ok=True)
+    BENCHMARKS.write_text(text)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A GitHub-flavoured markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

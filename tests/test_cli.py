@@ -1,0 +1,60 @@
+"""`diffguide sample`: a labelled grid, time and NFE printed, one-line errors on bad input."""
+
+import subprocess
+import sys
+
+import PIL.Image
+import pytest
+
+from diffguide.cli import main, parse_labels
+
+
+def test_parse_labels_forms():
+    assert parse_labels("0-9") == list(range(10))
+    assert parse_labels("3") == [3]
+    assert parse_labels("1,3,5") == [1, 3, 5]
+    assert parse_labels("0-2,7") == [0, 1, 2, 7]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--labels", "0-10"], "label 10 is out of range"),
+        (["--labels", "x"], "cannot read labels"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--n", "0"], "--n must be >= 1"),
+        (["--out", "grid.bmpx"], "unknown output type"),
+    ],
+)
+def test_sample_bad_input_exits_with_one_line(extra, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_sample_unwritable_path(capsys, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["sample", "--out", str(blocker / "grid.png")]) == 2
+    assert "cannot create the folder" in capsys.readouterr().err
+
+
+def test_sample_writes_labelled_grid_and_reports(tmp_path):
+    out = tmp_path / "sub" / "grid.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "diffguide.cli", "sample", "--labels", "1,2", "--n", "3", "--steps", "2",
+         "--out", str(out)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "NFE per sample" in result.stdout and "4 NFE" in result.stdout and str(out) in result.stdout
+    grid = PIL.Image.open(out)
+    assert grid.size == (24 + 3 * (56 + 2), 2 * (56 + 2))
+
+
+def test_every_subcommand_has_help():
+    for command in (["--help"], ["sample", "--help"], ["train", "--help"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "diffguide.cli", *command], capture_output=True, text=True
+        )
+        assert result.returncode == 0 and "usage:" in result.stdout
