@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 
 import diffguide as dg
-from diffguide.models.pipeline import default_scheduler_config
+from diffguide.models.pipeline import default_sampling_scheduler
 
 
 def tiny_digits_unet(sample_size: int = 8, num_classes: int = 10) -> UNet2DModel:
@@ -28,7 +28,7 @@ def tiny_digits_unet(sample_size: int = 8, num_classes: int = 10) -> UNet2DModel
 @pytest.fixture
 def tiny_pipe() -> dg.DigitsPipeline:
     """A DigitsPipeline over an 8x8 random-weight UNet (plumbing only, no quality)."""
-    scheduler = DDIMScheduler(**default_scheduler_config(), timestep_spacing="trailing")
+    scheduler = default_sampling_scheduler()
     pipe = dg.DigitsPipeline(unet=tiny_digits_unet(), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -43,3 +43,12 @@ def test_generation_does_not_depend_on_batch_size(default_pipe):
     shard = generate_samples(default_pipe, [1, 2, 3, 4], batch_size=2, indices=[2, 3], **kwargs)
     torch.testing.assert_close(whole, pieces, atol=1e-5, rtol=0)
     torch.testing.assert_close(whole[2:], shard, atol=1e-5, rtol=0)
+
+
+def test_default_sampler_starts_where_x0_is_estimable(default_pipe):
+    """The first step's x0 estimate divides the eps error by sqrt(alpha_bar): keep it >= 1e-4."""
+    scheduler = default_pipe.scheduler
+    scheduler.set_timesteps(50)
+    first = int(scheduler.timesteps[0])
+    assert scheduler.alphas_cumprod[first] >= 1e-4
+    assert not scheduler.config.clip_sample

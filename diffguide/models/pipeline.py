@@ -10,6 +10,7 @@ Stable Diffusion attach to this pipeline unchanged.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,8 +90,6 @@ class DigitsPipeline(DiffusionPipeline):
         return (self.unet.config.in_channels, height, width)
 
     def _step_kwargs(self, generator: torch.Generator | None, eta: float) -> dict[str, Any]:
-        import inspect
-
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         kwargs: dict[str, Any] = {}
         if "eta" in accepted:
@@ -220,8 +219,18 @@ def default_scheduler_config() -> dict[str, Any]:
 
 
 def default_sampling_scheduler() -> DDIMScheduler:
-    """DDIM over the training schedule: the pipeline's default sampler."""
-    return DDIMScheduler(**default_scheduler_config(), timestep_spacing="trailing", clip_sample=True)
+    """DDIM over the training schedule: the pipeline's default sampler.
+
+    The cosine schedule ends at ``alpha_bar(999) = 2.4e-9``. An epsilon model's x0 estimate
+    there divides the prediction error by ``sqrt(alpha_bar)`` (x20,000), so samplers that start
+    at t=999 ("trailing" spacing) blow the latent up. "leading" spacing with
+    ``steps_offset=1``, as Stable Diffusion ships, starts at t=981 (``alpha_bar = 8.8e-4``).
+    x0 clipping stays off: DDIM does not recompute epsilon from the clipped x0, and on this
+    model the mismatch greys the background.
+    """
+    return DDIMScheduler(
+        **default_scheduler_config(), timestep_spacing="leading", steps_offset=1, clip_sample=False
+    )
 
 
 SAMPLERS = {
