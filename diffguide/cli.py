@@ -95,6 +95,83 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _features_extractor(name: str):
+    if name == "judge":
+        from .models import load_judge
+
+        return load_judge(), 1, 28
+    path = Path(name)
+    if not path.is_file():
+        raise UsageError(f"--features must be 'judge' or a TorchScript file; {name} does not exist")
+    import torch
+
+    try:
+        return torch.jit.load(str(path), map_location="cpu").eval(), 3, None
+    except RuntimeError as err:
+        raise UsageError(f"cannot load {path} as a TorchScript feature extractor: {err}") from None
+
+
+def _stats_or_features(source: str, extractor, channels: int, size: int | None, key: str):
+    """(mu, sigma, features or None) for an image folder or a saved .npz statistics file."""
+    from .metrics import gaussian_stats
+    from .metrics.features import extract_features, load_image_folder, load_stats
+
+    path = Path(source)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise UsageError(f"statistics file {path} does not exist")
+        return (*load_stats(path, key), None)
+    features = extract_features(load_image_folder(path, channels=channels, size=size), extractor)
+    return (*gaussian_stats(features), features)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.eval_command == "istd":
+        return _cmd_eval_istd(args)
+    extractor, channels, size = _features_extractor(args.features)
+    key = f"features={args.features}"
+    if args.eval_command == "stats":
+        from .metrics.features import save_stats
+
+        mu, sigma, _ = _stats_or_features(args.folder, extractor, channels, size, key)
+        print(f"wrote {save_stats(args.out, mu, sigma, key).resolve()} ({len(mu)}-d {key})")
+        return 0
+
+    from .metrics import frechet_distance, frechet_distance_infinity, kernel_distance
+
+    mu_a, sigma_a, features_a = _stats_or_features(args.a, extractor, channels, size, key)
+    mu_b, sigma_b, features_b = _stats_or_features(args.b, extractor, channels, size, key)
+    print(f"FD ({args.features} features): {frechet_distance(mu_a, sigma_a, mu_b, sigma_b):.4f}")
+    if args.kid:
+        if features_a is None or features_b is None:
+            raise UsageError("--kid needs image folders on both sides, not statistics files")
+        mean, std = kernel_distance(features_a, features_b)
+        print(f"KID: {mean:.6f} +- {std:.6f}")
+    if args.fd_inf:
+        if features_a is None:
+            raise UsageError("--fd-inf needs an image folder as A (the generated images)")
+        fd_inf, points = frechet_distance_infinity(features_a, mu_b, sigma_b)
+        print(f"FD-infinity: {fd_inf:.4f} (from N = {', '.join(str(n) for n, _ in points)})")
+    return 0
+
+
+def _cmd_eval_istd(args: argparse.Namespace) -> int:
+    if args.model != "default":
+        raise UsageError(f"--model {args.model!r}: only the embedded 'default' model is supported so far")
+    if args.pairs < 1 or args.steps < 1:
+        raise UsageError("--pairs and --steps must be >= 1")
+    from .metrics import interpolation_istd
+    from .models import load_default_pipeline
+
+    pipe = load_default_pipeline()
+    labels = [i % pipe.num_classes for i in range(args.pairs)]
+    mean, values, _ = interpolation_istd(
+        pipe, labels, seed=args.seed, guidance_scale=args.scale, num_inference_steps=args.steps
+    )
+    print(f"ISTD: {mean:.2f} over {len(values)} noise pairs (CFG {args.scale}, {args.steps} DDIM steps)")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     if args.what == "default":
         from .models.training import DefaultTrainingConfig, train_default
@@ -131,6 +208,27 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", default="grid.png", help="image file to write (.png, .jpg, .webp)")
     sample.set_defaults(func=_cmd_sample)
+
+    evaluate = sub.add_parser("eval", help="distribution metrics: FD, KID, FD-infinity, ISTD")
+    eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)
+    fid = eval_sub.add_parser("fid", help="Frechet distance between two image folders or .npz statistics")
+    fid.add_argument("a", help="image folder or .npz statistics (the generated side for --fd-inf)")
+    fid.add_argument("b", help="image folder or .npz statistics (the reference)")
+    fid.add_argument("--features", default="judge", help="'judge' (default) or a TorchScript extractor file")
+    fid.add_argument("--kid", action="store_true", help="also report KID (needs two folders)")
+    fid.add_argument("--fd-inf", action="store_true", help="also report FD extrapolated to N = infinity")
+    stats = eval_sub.add_parser("stats", help="cache the feature statistics of an image folder")
+    stats.add_argument("folder")
+    stats.add_argument("--out", required=True, help="the .npz file to write")
+    stats.add_argument("--features", default="judge")
+    istd = eval_sub.add_parser("istd", help="interpolation smoothness (Smooth Diffusion's ISTD)")
+    istd.add_argument("--model", default="default")
+    istd.add_argument("--pairs", type=int, default=10, help="noise pairs, cycling over the classes")
+    istd.add_argument("--scale", type=float, default=3.0)
+    istd.add_argument("--steps", type=int, default=50)
+    istd.add_argument("--seed", type=int, default=0)
+    for parser_ in (fid, stats, istd):
+        parser_.set_defaults(func=_cmd_eval)
 
     train = sub.add_parser("train", help="train the default model or its judge")
     train.add_argument("what", choices=["default", "judge"])
