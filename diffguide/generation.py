@@ -8,6 +8,7 @@ exactly the result of one process.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -39,3 +40,40 @@ def generate_samples(
         output = pipe(labels[batch].tolist(), generator=generators, output_type="pt", **pipe_kwargs)
         batches.append(output.images.cpu())
     return torch.cat(batches) if batches else torch.empty(0)
+
+
+def generate_to_folder(
+    pipe,
+    class_labels: Sequence[int] | torch.Tensor,
+    out_dir: str | Path,
+    seed: int = 0,
+    batch_size: int = 100,
+    progress: bool = False,
+    **pipe_kwargs,
+) -> list[Path]:
+    """Write sample ``i`` to ``out_dir/{i:06d}_{label}.png``, sharded over accelerate processes.
+
+    Run under ``accelerate launch --multi_gpu --num_processes K`` (CPU machines too) each process takes its share of the
+    indices (``PartialState.split_between_processes``); one seed per index makes the merged
+    folder identical to a single-process run. Returns the files this process wrote.
+    """
+    from accelerate import PartialState
+
+    from .images import to_pil
+
+    labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Without CUDA, torchrun-launched processes only join up through accelerate's CPU (gloo) path.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    with state.split_between_processes(list(range(len(labels)))) as shard:
+        images = generate_samples(
+            pipe, labels, seed, batch_size, progress and state.is_main_process, shard, **pipe_kwargs
+        )
+        written = []
+        for index, image in zip(shard, images, strict=True):
+            path = out_dir / f"{index:06d}_{int(labels[index])}.png"
+            to_pil(image).save(path)
+            written.append(path)
+    state.wait_for_everyone()
+    return written

@@ -10,6 +10,12 @@ import PIL.ImageFont
 import torch
 
 
+def to_pil(image: torch.Tensor) -> PIL.Image.Image:
+    """One image (C, H, W) in [0, 1] as an 8-bit PIL image (``L`` or ``RGB``)."""
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return PIL.Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+
+
 def labelled_grid(
     images: torch.Tensor, row_labels: Sequence[str], zoom: int = 2, margin: int = 24
 ) -> PIL.Image.Image:
@@ -25,14 +31,12 @@ def labelled_grid(
     cell_h, cell_w = height * zoom, width * zoom
     mode = "L" if channels == 1 else "RGB"
     grid = PIL.Image.new(mode, (margin + cols * (cell_w + 2), rows * (cell_h + 2)), color=255)
-    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     font = PIL.ImageFont.load_default()
     draw = PIL.ImageDraw.Draw(grid)
     for r, label in enumerate(row_labels):
         y = r * (cell_h + 2)
         draw.text((4, y + cell_h // 2 - 6), str(label), fill=0, font=font)
         for c in range(cols):
-            tile = pixels[r * cols + c]
-            tile_image = PIL.Image.fromarray(tile[..., 0] if channels == 1 else tile, mode=mode)
+            tile_image = to_pil(images[r * cols + c])
             grid.paste(tile_image.resize((cell_w, cell_h), PIL.Image.NEAREST), (margin + c * (cell_w + 2), y))
     return grid
