@@ -70,3 +70,17 @@ def test_eval_bad_input_gets_one_line_errors(digit_folders, tmp_path, capsys):
     assert "not a diffguide statistics file" in capsys.readouterr().err
     assert main(["eval", "fid", str(test_folder), str(other), "--features", str(tmp_path / "none.pt")]) == 2
     assert "TorchScript" in capsys.readouterr().err
+
+
+def test_mixed_sizes_and_modes_follow_one_rule_and_bad_files_are_named(tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    PIL.Image.new("RGB", (28, 28), (255, 255, 255)).save(folder / "a.png")
+    PIL.Image.new("L", (56, 40), 0).save(folder / "b.jpg")
+    images = load_image_folder(folder)
+    assert images.shape == (2, 1, 28, 28)
+    assert images[0].min() == 1.0 and images[1].max() == 0.0
+    (folder / "c.png").write_bytes(b"not an image")
+    assert main(["eval", "stats", str(folder), "--out", str(tmp_path / "s.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read image" in err and "c.png" in err

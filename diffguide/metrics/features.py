@@ -21,7 +21,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def load_image_folder(folder: str | Path, channels: int = 1, size: int | None = None) -> torch.Tensor:
-    """All images in ``folder`` (sorted by name) as (N, channels, H, W) float32 in [0, 1]."""
+    """All images in ``folder`` (sorted by name) as (N, channels, H, W) float32 in [0, 1].
+
+    One rule for mixed folders: every image is converted to ``L`` (channels=1) or ``RGB``
+    (channels=3) and, where its size differs from the target, resized with bicubic filtering
+    to ``size`` x ``size``, or to the first image's size when ``size`` is None.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
@@ -31,15 +36,17 @@ def load_image_folder(folder: str | Path, channels: int = 1, size: int | None = 
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    target = (size, size) if size is not None else None
     arrays = []
     for path in files:
-        image = PIL.Image.open(path).convert(mode)
-        if size is not None:
-            image = image.resize((size, size), PIL.Image.BICUBIC)
+        try:
+            image = PIL.Image.open(path).convert(mode)
+        except (OSError, PIL.UnidentifiedImageError) as err:
+            raise ValueError(f"cannot read image {path}: {err}") from None
+        target = target or image.size
+        if image.size != target:
+            image = image.resize(target, PIL.Image.BICUBIC)
         arrays.append(np.asarray(image, dtype=np.float32).reshape(image.height, image.width, channels))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise ValueError(f"images in {folder} differ in size ({sorted(shapes)}); pass size= to resize them")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
 
 
