@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 
-def gaussian_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance (float64) of features (N, D), N >= 2."""
+def as_feature_array(features: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Features (N, D), N >= 2, as a finite float64 array; anything else is refused."""
     array = np.asarray(
         features.detach().cpu() if isinstance(features, torch.Tensor) else features, np.float64
     )
@@ -24,6 +24,12 @@ def gaussian_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.
         raise ValueError(f"features must be (N, D) with N >= 2, got shape {array.shape}")
     if not np.isfinite(array).all():
         raise ValueError("features contain NaN or inf")
+    return array
+
+
+def gaussian_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (float64) of features (N, D), N >= 2."""
+    array = as_feature_array(features)
     return array.mean(axis=0), np.atleast_2d(np.cov(array, rowvar=False))
 
 
@@ -72,9 +78,7 @@ def frechet_distance_infinity(
     fits ``FD_N = FD_inf + slope / N`` by least squares, and returns the intercept with the
     measured points.
     """
-    array = np.asarray(
-        features.detach().cpu() if isinstance(features, torch.Tensor) else features, np.float64
-    )
+    array = as_feature_array(features)
     total = len(array)
     sizes = sizes or sorted({int(round(n)) for n in np.linspace(max(2, total // 5), total, 5)})
     if len(sizes) < 2 or min(sizes) < 2 or max(sizes) > total:

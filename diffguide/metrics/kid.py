@@ -14,16 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-def _as_float64(features: torch.Tensor | np.ndarray) -> np.ndarray:
-    array = np.asarray(
-        features.detach().cpu() if isinstance(features, torch.Tensor) else features, np.float64
-    )
-    if array.ndim != 2 or array.shape[0] < 2:
-        raise ValueError(f"features must be (N, D) with N >= 2, got shape {array.shape}")
-    if not np.isfinite(array).all():
-        raise ValueError("features contain NaN or inf")
-    return array
+from .frechet import as_feature_array
 
 
 def polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:
@@ -50,7 +41,7 @@ def kernel_distance(
     ``subset_size`` is capped at the smaller set's size; subsets are drawn without
     replacement by a generator seeded ``seed``.
     """
-    x, y = _as_float64(features1), _as_float64(features2)
+    x, y = as_feature_array(features1), as_feature_array(features2)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"feature dimensions differ: {x.shape[1]} vs {y.shape[1]}")
     if num_subsets < 1:
