@@ -53,9 +53,9 @@ def generate_to_folder(
 ) -> list[Path]:
     """Write sample ``i`` to ``out_dir/{i:06d}_{label}.png``, sharded over accelerate processes.
 
-    Run under ``accelerate launch --multi_gpu --num_processes K`` (CPU machines too) each process takes its share of the
-    indices (``PartialState.split_between_processes``); one seed per index makes the merged
-    folder identical to a single-process run. Returns the files this process wrote.
+    Run under ``accelerate launch --multi_gpu --num_processes K`` (CPU machines too), each
+    process takes its share of the indices (``PartialState.split_between_processes``); one
+    seed per index makes the merged folder identical to a single-process run. Returns the files this process wrote.
     """
     from accelerate import PartialState
 

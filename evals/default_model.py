@@ -26,14 +26,14 @@ from report import machine, markdown_table, write_result, write_section  # noqa:
 import diffguide as dg  # noqa: E402
 from diffguide.generation import generate_samples  # noqa: E402
 from diffguide.metrics import feature_frechet_distance  # noqa: E402
+from diffguide.metrics.features import extract_features  # noqa: E402
 
 
 @torch.no_grad()
-def judge_features_and_predictions(judge, images: torch.Tensor, batch_size: int = 500):
-    features = torch.cat(
-        [judge.features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    )
-    return features, judge.head(features).argmax(1)
+def judge_features_and_predictions(judge, images: torch.Tensor):
+    """The judge's penultimate features (float64) and its predicted classes."""
+    features = extract_features(images, judge)
+    return features, judge.head(features.float()).argmax(1)
 
 
 def measure(
