@@ -95,14 +95,24 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _features_extractor(name: str):
+def _features_extractor(name: str, inception_weights: str | None = None):
+    """(extractor, channels, size) for --features judge|inception|PATH."""
     if name == "judge":
         from .models import load_judge
 
         return load_judge(), 1, 28
+    if name == "inception":
+        from .metrics.inception import load_inception
+
+        try:
+            return load_inception(inception_weights), 3, None
+        except (FileNotFoundError, ImportError, ValueError) as err:
+            raise UsageError(f"--features inception: {err}") from None
     path = Path(name)
     if not path.is_file():
-        raise UsageError(f"--features must be 'judge' or a TorchScript file; {name} does not exist")
+        raise UsageError(
+            f"--features must be 'judge', 'inception' or a TorchScript file; {name} does not exist"
+        )
     import torch
 
     try:
@@ -128,8 +138,10 @@ def _stats_or_features(source: str, extractor, channels: int, size: int | None, 
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.eval_command == "istd":
         return _cmd_eval_istd(args)
-    extractor, channels, size = _features_extractor(args.features)
+    extractor, channels, size = _features_extractor(args.features, args.inception_weights)
     key = f"features={args.features}"
+    if args.features == "inception":  # the two ports differ slightly: never mix their statistics
+        key += f"({Path(args.inception_weights).name})"
     if args.eval_command == "stats":
         from .metrics.features import save_stats
 
@@ -214,13 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     fid = eval_sub.add_parser("fid", help="Frechet distance between two image folders or .npz statistics")
     fid.add_argument("a", help="image folder or .npz statistics (the generated side for --fd-inf)")
     fid.add_argument("b", help="image folder or .npz statistics (the reference)")
-    fid.add_argument("--features", default="judge", help="'judge' (default) or a TorchScript extractor file")
+    features_help = (
+        "'judge' (default), 'inception' (with --inception-weights) or a TorchScript extractor file"
+    )
+    inception_help = (
+        "local Inception file: inception-2015-12-05.pt or torch-fidelity's .pth (never downloaded)"
+    )
+    fid.add_argument("--features", default="judge", help=features_help)
+    fid.add_argument("--inception-weights", default=None, help=inception_help)
     fid.add_argument("--kid", action="store_true", help="also report KID (needs two folders)")
     fid.add_argument("--fd-inf", action="store_true", help="also report FD extrapolated to N = infinity")
     stats = eval_sub.add_parser("stats", help="cache the feature statistics of an image folder")
     stats.add_argument("folder")
     stats.add_argument("--out", required=True, help="the .npz file to write")
-    stats.add_argument("--features", default="judge")
+    stats.add_argument("--features", default="judge", help=features_help)
+    stats.add_argument("--inception-weights", default=None, help=inception_help)
     istd = eval_sub.add_parser("istd", help="interpolation smoothness (Smooth Diffusion's ISTD)")
     istd.add_argument("--model", default="default")
     istd.add_argument("--pairs", type=int, default=10, help="noise pairs, cycling over the classes")

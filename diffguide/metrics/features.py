@@ -1,7 +1,7 @@
 """Feature extraction for distribution metrics, image folders, and cached reference statistics.
 
 Features come from the judge network's 128-d penultimate layer (the domain space for the
-default digits model) or from any ``torch.nn.Module`` the caller passes that maps images
+default digits model), from the standard Inception-v3 (``inception.py``), or from any ``torch.nn.Module`` the caller passes that maps images
 (B, C, H, W) in [0, 1] to (B, D). Reference statistics are cached in ``.npz`` files that
 record which extractor and which data produced them, so a file is never compared against
 features of another kind.
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
+from tqdm.auto import tqdm
 
 from .frechet import gaussian_stats
 
@@ -38,7 +39,10 @@ def load_image_folder(folder: str | Path, channels: int = 1, size: int | None = 
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     target = (size, size) if size is not None else None
     arrays = []
-    for path in files:
+    # a bar only where a load takes noticeable time, and only on a terminal (disable=None)
+    for path in tqdm(
+        files, desc=f"reading {folder.name}", unit="img", disable=True if len(files) < 2000 else None
+    ):
         try:
             image = PIL.Image.open(path).convert(mode)
         except (OSError, PIL.UnidentifiedImageError) as err:

@@ -4,8 +4,8 @@
 
 The trace of the matrix square root is computed in float64 through the symmetric form
 ``tr((sqrt(S1) S2 sqrt(S1))^(1/2))``, whose eigenvalues are real and non-negative in exact
-arithmetic; ``eigh`` gives them stably and the tiny negative ones rounding produces are
-clipped to zero. This avoids ``scipy.linalg.sqrtm`` (deprecated in SciPy 1.17) and its
+arithmetic; ``eigh`` gives them stably, and eigenvalues at rounding-noise level (negative
+or not) are set to zero, which keeps rank-deficient covariances (N < D) exact. This avoids ``scipy.linalg.sqrtm`` (deprecated in SciPy 1.17) and its
 complex parts.
 """
 
@@ -33,9 +33,22 @@ def gaussian_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.
     return array.mean(axis=0), np.atleast_2d(np.cov(array, rowvar=False))
 
 
-def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
+def _psd_eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition of a symmetric PSD matrix with rounding noise set to zero.
+
+    Eigenvalues below ``D * eps * max|lambda|`` (numpy's matrix-rank tolerance) are rounding
+    noise, not signal. Left in, they matter: a covariance of N < D samples (common with 2048-d
+    Inception features) has D - N such eigenvalues, and the square roots of ~1e-16-relative
+    noise sum to a visible error, e.g. a negative FD between identical statistics.
+    """
     values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    tolerance = len(values) * np.finfo(np.float64).eps * max(np.abs(values).max(initial=0.0), 1e-300)
+    return np.where(values > tolerance, values, 0.0), vectors
+
+
+def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
+    values, vectors = _psd_eigh(matrix)
+    return (vectors * np.sqrt(values)) @ vectors.T
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -54,7 +67,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
             raise ValueError(f"{name} contains NaN or inf")
     root1 = _sqrt_psd(sigma1)
     middle = root1 @ sigma2 @ root1
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    trace_sqrt = np.sqrt(_psd_eigh(middle)[0]).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
