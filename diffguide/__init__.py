@@ -1,7 +1,24 @@
 """diffguide: diffusion sampling and guidance methods for Hugging Face diffusers pipelines."""
 
 from . import metrics
+from .guidance import APG, CFG, AdaptiveGuidance, GuidanceRule, LinearAG
+from .hooks import apply, guided, remove, stats
 from .models import DigitsPipeline, load_default_pipeline, load_digits, load_judge
 
-__all__ = ["DigitsPipeline", "load_default_pipeline", "load_digits", "load_judge", "metrics"]
+__all__ = [
+    "APG",
+    "CFG",
+    "AdaptiveGuidance",
+    "DigitsPipeline",
+    "GuidanceRule",
+    "LinearAG",
+    "apply",
+    "guided",
+    "load_default_pipeline",
+    "load_digits",
+    "load_judge",
+    "metrics",
+    "remove",
+    "stats",
+]
 __version__ = "0.1.0"

@@ -71,6 +71,7 @@ class DigitsPipeline(DiffusionPipeline):
                 "DigitsPipeline needs a class-conditional UNet2DModel (num_class_embeds = classes + 1)"
             )
         self.register_modules(unet=unet, scheduler=scheduler)
+        self._guidance_scale = 1.0
 
     @property
     def num_classes(self) -> int:
@@ -97,6 +98,16 @@ class DigitsPipeline(DiffusionPipeline):
         if "generator" in accepted:
             kwargs["generator"] = generator
         return kwargs
+
+    @property
+    def guidance_scale(self) -> float:
+        """The CFG scale of the current (or last) call."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the current call batches ``[uncond, cond]`` (``guidance_scale > 1``)."""
+        return self._guidance_scale > 1.0
 
     @torch.no_grad()
     def __call__(

@@ -1,0 +1,273 @@
+"""LinearAG (Castillo et al., "Adaptive Guidance: Training-free Acceleration of Conditional
+Diffusion Models", arXiv 2312.12487, AAAI 2025, Sec. on linear estimation).
+
+At some steps the unconditional prediction is not computed but estimated as an affine
+combination of quantities already known at that step:
+
+    u_hat_t = sum_k a_{t,k} r_{t,k},   r in (c_t, u_{t-1}, c_{t-1}, 1, ...)
+
+with per-step scalar coefficients ``a_t`` fitted offline by ordinary least squares over
+calibration trajectories sampled with CFG (:meth:`LinearAG.calibrate`). The guided
+prediction is then CFG with ``u_hat_t``. A schedule says, per step, whether the
+unconditional pass is real (``"cfg"``), estimated (``"estimate"``) or dropped with the
+conditional prediction used alone (``"cond"``). The paper's schedule at 20 steps alternates
+real and estimated steps in the first half and is conditional-only in the second: 25 network
+evaluations instead of 40. The regressor set of the paper is not stated precisely; ours is
+configurable, and ``u_{t-1}`` is the previous step's real or estimated value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from .base import GuidanceRule, GuidanceStep, cfg_combine, check_space
+
+REGRESSORS = ("cond", "prev_cond", "prev_uncond", "prev2_cond", "prev2_uncond", "bias")
+DEFAULT_REGRESSORS = ("cond", "prev_uncond", "prev_cond", "bias")
+STEP_KINDS = ("cfg", "estimate", "cond")
+
+
+def paper_schedule(num_steps: int, guided_fraction: float = 0.5, real_every: int = 2) -> list[str]:
+    """Real CFG every ``real_every`` steps (from step 0) and estimates in between, for the first
+    ``guided_fraction`` of the steps; conditional-only after that."""
+    if num_steps < 1 or real_every < 1 or not 0 <= guided_fraction <= 1:
+        raise ValueError("need num_steps >= 1, real_every >= 1 and 0 <= guided_fraction <= 1")
+    guided = round(num_steps * guided_fraction)
+    return [
+        ("cfg" if i % real_every == 0 else "estimate") if i < guided else "cond" for i in range(num_steps)
+    ]
+
+
+def schedule_nfe(schedule: Sequence[str]) -> int:
+    """Network evaluations per sample of a schedule (2 for a real CFG step, 1 otherwise)."""
+    return sum(2 if kind == "cfg" else 1 for kind in schedule)
+
+
+def regressor_stack(
+    names: Sequence[str], cond: torch.Tensor, history: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """(K, *cond.shape) regressors; ``history[-1]`` is the previous step's (cond, uncond).
+    Missing history (the first steps) gives zeros, in calibration and use alike."""
+    zeros = torch.zeros_like(cond)
+
+    def past(lag: int, which: int) -> torch.Tensor:
+        return history[-lag][which] if len(history) >= lag else zeros
+
+    values = {
+        "cond": lambda: cond,
+        "prev_cond": lambda: past(1, 0),
+        "prev_uncond": lambda: past(1, 1),
+        "prev2_cond": lambda: past(2, 0),
+        "prev2_uncond": lambda: past(2, 1),
+        "bias": lambda: torch.ones_like(cond),
+    }
+    return torch.stack([values[name]() for name in names])
+
+
+def fit_coefficients(regressors: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Least-squares ``a`` (K,) minimising ``||sum_k a_k regressors[k] - target||^2`` over all
+    elements, in float64; the pseudo-inverse handles regressors that are all zero."""
+    design = regressors.reshape(regressors.shape[0], -1).double()
+    gram = design @ design.T
+    return torch.linalg.pinv(gram) @ (design @ target.reshape(-1).double())
+
+
+class LinearAG(GuidanceRule):
+    """CFG whose unconditional prediction is estimated at some steps by a fitted linear model.
+
+    Args:
+        coefficients: (num_steps, K) per-step coefficients, from :meth:`calibrate` or :meth:`load`.
+        regressors: names of the K regressors (see ``REGRESSORS``).
+        schedule: per step ``"cfg"``, ``"estimate"`` or ``"cond"``; default :func:`paper_schedule`.
+        space: space of the predictions regressed and combined (``"model_output"`` default).
+    """
+
+    def __init__(
+        self,
+        coefficients: torch.Tensor,
+        regressors: Sequence[str] = DEFAULT_REGRESSORS,
+        schedule: Sequence[str] | None = None,
+        space: str = "model_output",
+        guidance_scale: float | None = None,
+    ):
+        unknown = set(regressors) - set(REGRESSORS)
+        if unknown:
+            raise ValueError(f"unknown regressors {sorted(unknown)}; choose from {REGRESSORS}")
+        coefficients = torch.as_tensor(coefficients, dtype=torch.float64)
+        if coefficients.ndim != 2 or coefficients.shape[1] != len(regressors):
+            raise ValueError(
+                f"coefficients must be (num_steps, {len(regressors)}), got {tuple(coefficients.shape)}"
+            )
+        self.coefficients = coefficients
+        self.regressors = tuple(regressors)
+        self.num_steps = coefficients.shape[0]
+        self.schedule = list(schedule) if schedule is not None else paper_schedule(self.num_steps)
+        if len(self.schedule) != self.num_steps or set(self.schedule) - set(STEP_KINDS):
+            raise ValueError(f"schedule must be {self.num_steps} entries from {STEP_KINDS}")
+        self.space = check_space(space)
+        #: the guidance scale of the calibration trajectories (estimates are fitted for it)
+        self.guidance_scale = guidance_scale
+        self._history: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def with_schedule(self, schedule: Sequence[str]) -> LinearAG:
+        """The same coefficients under another schedule."""
+        return LinearAG(self.coefficients, self.regressors, schedule, self.space, self.guidance_scale)
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per sample of one call."""
+        return schedule_nfe(self.schedule)
+
+    def reset(self) -> None:
+        self._history = []
+
+    def _kind(self, step: GuidanceStep) -> str:
+        if step.num_steps is not None and step.num_steps != self.num_steps:
+            raise ValueError(
+                f"LinearAG was calibrated for {self.num_steps} steps but the pipeline runs {step.num_steps}; "
+                f"calibrate again with num_inference_steps={step.num_steps}"
+            )
+        return self.schedule[min(step.step_index, self.num_steps - 1)]
+
+    def uncond_mask(self, batch_size: int, step: GuidanceStep) -> torch.Tensor:
+        return torch.full((batch_size,), self._kind(step) == "cfg", dtype=torch.bool)
+
+    def estimate(self, cond: torch.Tensor, step_index: int) -> torch.Tensor:
+        """``u_hat`` at ``step_index`` from ``cond`` and the recorded history."""
+        stack = regressor_stack(self.regressors, cond, self._history)
+        weights = self.coefficients[step_index].to(stack)
+        return torch.tensordot(weights, stack, dims=1)
+
+    def combine(
+        self, cond: torch.Tensor, uncond: torch.Tensor, uncond_mask: torch.Tensor, step: GuidanceStep
+    ) -> torch.Tensor:
+        kind = self._kind(step)
+        if kind == "estimate":
+            uncond = self.estimate(cond, step.step_index)
+        elif kind == "cond":
+            uncond = cond  # no guidance: u = c makes CFG return c
+        self._history = [*self._history[-1:], (cond, uncond)]
+        return cfg_combine(cond, uncond, step.guidance_scale) if kind != "cond" else cond
+
+    # -- calibration and files ----------------------------------------------------------------
+
+    @classmethod
+    def calibrate(
+        cls,
+        pipe,
+        calls: dict | Iterable[dict],
+        regressors: Sequence[str] = DEFAULT_REGRESSORS,
+        schedule: Sequence[str] | None = None,
+        space: str = "model_output",
+    ) -> LinearAG:
+        """Fit per-step coefficients on CFG trajectories of ``pipe``.
+
+        ``calls`` are keyword arguments of pipeline calls (one dict or several), e.g.
+        ``{"class_labels": list(range(10)) * 20, "num_inference_steps": 20, "guidance_scale": 3}``;
+        all must use the same number of steps and guidance scale.
+        """
+        from ..hooks import guided
+
+        recorder = _TrajectoryRecorder(space)
+        calls = [calls] if isinstance(calls, dict) else list(calls)
+        if not calls:
+            raise ValueError("calibrate needs at least one pipeline call")
+        with guided(pipe, recorder):
+            for kwargs in calls:
+                pipe(**kwargs)
+                recorder.reset()
+        steps = recorder.num_steps
+        coefficients = torch.stack(
+            [
+                fit_coefficients(
+                    torch.cat([regressor_stack(regressors, c, h) for c, h in recorder.samples[i]], dim=1),
+                    torch.cat([u for u in recorder.targets[i]]),
+                )
+                for i in range(steps)
+            ]
+        )
+        scales = {call.get("guidance_scale") for call in calls}
+        return cls(coefficients, regressors, schedule, space, scales.pop() if len(scales) == 1 else None)
+
+    def save(self, path: str | Path) -> Path:
+        """Write coefficients and settings to ``.safetensors`` or ``.json``."""
+        path = Path(path)
+        meta = {
+            "regressors": list(self.regressors),
+            "schedule": self.schedule,
+            "space": self.space,
+            "guidance_scale": self.guidance_scale,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".json":
+            path.write_text(json.dumps({**meta, "coefficients": self.coefficients.tolist()}, indent=1))
+        else:
+            from safetensors.torch import save_file
+
+            save_file(
+                {"coefficients": self.coefficients.contiguous()},
+                str(path),
+                metadata={k: json.dumps(v) for k, v in meta.items()},
+            )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, schedule: Sequence[str] | None = None) -> LinearAG:
+        """Read a file written by :meth:`save`; ``schedule`` overrides the saved one."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"LinearAG coefficients file {path} does not exist")
+        try:
+            if path.suffix == ".json":
+                data = json.loads(path.read_text())
+                coefficients = torch.tensor(data.pop("coefficients"), dtype=torch.float64)
+            else:
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as handle:
+                    coefficients = handle.get_tensor("coefficients")
+                    data = {k: json.loads(v) for k, v in handle.metadata().items()}
+            return cls(
+                coefficients,
+                data["regressors"],
+                schedule if schedule is not None else data["schedule"],
+                data["space"],
+                data.get("guidance_scale"),
+            )
+        except (OSError, KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"{path} is not a LinearAG coefficients file: {err}") from None
+
+    def __repr__(self) -> str:
+        return f"LinearAG(steps={self.num_steps}, regressors={self.regressors}, nfe={self.nfe}, space={self.space!r})"
+
+
+class _TrajectoryRecorder(GuidanceRule):
+    """CFG that records, per step, (cond, history) and the real uncond for the fit."""
+
+    def __init__(self, space: str):
+        self.space = check_space(space)
+        self.samples: list[list[tuple[torch.Tensor, list]]] = []
+        self.targets: list[list[torch.Tensor]] = []
+        self._history: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_steps = 0
+
+    def reset(self) -> None:
+        self._history = []
+
+    def combine(
+        self, cond: torch.Tensor, uncond: torch.Tensor, uncond_mask: torch.Tensor, step: GuidanceStep
+    ) -> torch.Tensor:
+        i = step.step_index
+        while len(self.samples) <= i:
+            self.samples.append([])
+            self.targets.append([])
+        cond64, uncond64 = cond.detach().double().cpu(), uncond.detach().double().cpu()
+        self.samples[i].append((cond64, list(self._history)))
+        self.targets[i].append(uncond64)
+        self._history = [*self._history[-1:], (cond64, uncond64)]
+        self.num_steps = max(self.num_steps, i + 1)
+        return cfg_combine(cond, uncond, step.guidance_scale)

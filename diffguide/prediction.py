@@ -1,0 +1,92 @@
+"""Conversions between a denoiser's raw output and the denoised (x0) prediction.
+
+Every supported scheduler describes ``x_t = alpha_t x0 + sigma_t noise`` as the denoiser
+sees it (after ``scale_model_input``):
+
+- variance-preserving schedulers with ``alphas_cumprod`` (DDIM, DDPM, DPM-Solver++, Euler,
+  ...): ``alpha = sqrt(abar_t)``, ``sigma = sqrt(1 - abar_t)``. Non-integer timesteps (Euler
+  with interpolated sigmas) interpolate ``sqrt((1 - abar) / abar)`` linearly in t, as
+  diffusers' Euler does, then ``alpha = 1 / sqrt(1 + s^2)``, ``sigma = s alpha``.
+- flow matching (FlowMatchEuler, SD3): ``x_t = (1 - s) x0 + s noise`` with
+  ``s = timestep / num_train_timesteps``.
+
+Predictions: epsilon ``x0 = (x_t - sigma eps) / alpha``; v ``x0 = alpha x_t - sigma v``;
+sample ``x0 = output``; flow (velocity ``noise - x0``) ``x0 = x_t - s v``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KINDS = ("epsilon", "v_prediction", "sample", "flow")
+
+
+def prediction_kind(scheduler) -> str:
+    """The prediction type of the model a scheduler drives."""
+    if "FlowMatch" in type(scheduler).__name__:
+        return "flow"
+    kind = getattr(scheduler.config, "prediction_type", "epsilon")
+    if kind not in KINDS:
+        raise ValueError(
+            f"unsupported prediction_type {kind!r} of {type(scheduler).__name__}; supported: {KINDS}"
+        )
+    return kind
+
+
+def alpha_sigma(scheduler, timestep: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (alpha, sigma) of ``x_t`` at ``timestep`` (a number or a tensor of them)."""
+    t = torch.as_tensor(timestep, dtype=torch.float64).detach().cpu().reshape(-1)
+    if prediction_kind(scheduler) == "flow":
+        s = t / scheduler.config.num_train_timesteps
+        return 1 - s, s
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    if alphas_cumprod is None:
+        raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod; cannot derive alpha/sigma")
+    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
+    noise_to_signal = ((1 - abar) / abar).sqrt()
+    t = t.clamp(0, len(abar) - 1)
+    low = t.floor().long()
+    high = (low + 1).clamp(max=len(abar) - 1)
+    frac = t - low
+    ratio = noise_to_signal[low] * (1 - frac) + noise_to_signal[high] * frac
+    alpha = 1 / (1 + ratio**2).sqrt()
+    exact = frac == 0  # integer timesteps: sqrt(abar) exactly
+    alpha = torch.where(exact, abar[low].sqrt(), alpha)
+    sigma = torch.where(exact, (1 - abar[low]).sqrt(), ratio * alpha)
+    return alpha, sigma
+
+
+def _b(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like)
+
+
+def to_denoised(
+    output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """x0 from the model ``output`` at ``x_t = sample``."""
+    a, s = _b(alpha, output), _b(sigma, output)
+    if kind == "epsilon":
+        return (sample - s * output) / a
+    if kind == "v_prediction":
+        return a * sample - s * output
+    if kind == "sample":
+        return output
+    if kind == "flow":
+        return sample - s * output
+    raise ValueError(f"unknown prediction kind {kind!r}; supported: {KINDS}")
+
+
+def from_denoised(
+    denoised: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """The model output that corresponds to ``denoised`` at ``x_t = sample``."""
+    a, s = _b(alpha, denoised), _b(sigma, denoised)
+    if kind == "epsilon":
+        return (sample - a * denoised) / s
+    if kind == "v_prediction":
+        return (a * sample - denoised) / s
+    if kind == "sample":
+        return denoised
+    if kind == "flow":
+        return (sample - denoised) / s
+    raise ValueError(f"unknown prediction kind {kind!r}; supported: {KINDS}")
