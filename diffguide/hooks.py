@@ -127,6 +127,11 @@ class GuidanceHook(ModelHook):
         rows = sample.shape[0]
         first_t = float(torch.as_tensor(timestep).reshape(-1)[0]) if timestep is not None else 0.0
 
+        if bound.arguments.get("skip_layers") is not None:
+            raise RuntimeError(
+                "skip-layer guidance (SD3's skip_guidance_layers) adds its own denoiser call that a diffguide "
+                "rule cannot see; call the pipeline without it, or dg.remove(pipe) first"
+            )
         guidance_scale = float(getattr(pipe, "_guidance_scale", 1.0))
         cfg_active = getattr(pipe, "do_classifier_free_guidance", guidance_scale > 1)
         if not cfg_active:

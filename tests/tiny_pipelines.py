@@ -1,15 +1,23 @@
 """Tiny, random-weight Hugging Face diffusers pipelines that build fully offline, for tests.
 
 Each builder returns a real diffusers pipeline class (Stable Diffusion 1.5, SDXL, SD3, PixArt-Alpha) wired
-from miniature modules: a few channels, one or two layers, an 8x8 latent and a small tokenizer made in code
-(no hub access, no files on disk). The weights are random, so the images are noise; the pipelines exist to
-exercise plumbing (classifier-free guidance batching, callbacks, schedulers, save/reload) in milliseconds.
+from miniature modules: a few channels, one or two layers, and tokenizers made in code (a byte-level CLIP
+BPE with no merges, a character-level T5 Unigram), so nothing is downloaded or read from disk. The weights
+are random and the images are noise: the pipelines exist to exercise plumbing (classifier-free guidance
+batching, callbacks, schedulers, save/reload) in tens of milliseconds.
 
-Every module is built right after ``torch.manual_seed(0)`` inside ``torch.random.fork_rng`` so two builds
+SD, SDXL and SD3 sample an 8x8 latent that decodes to 16x16 pixels. PixArt-Alpha samples a 32x32 latent
+(256x256 pixels), the smallest size its default ``use_resolution_binning=True`` accepts.
+
+Every module is built right after ``torch.manual_seed(0)`` inside ``torch.random.fork_rng``, so two builds
 give identical weights and the caller's global RNG state is left untouched.
 """
 
 from __future__ import annotations
+
+import string
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from diffusers import (
@@ -40,15 +48,16 @@ TEXT_MAX_LENGTH = 77  # CLIP context length; tokenizer padding and text-encoder 
 CLIP_HIDDEN = 32
 PIXART_T5_MAX_LENGTH = 120  # PixArt-Alpha pads T5 prompts to 120 tokens
 SD3_T5_MAX_LENGTH = 256  # SD3 pads T5 prompts to max_sequence_length=256
+M = TypeVar("M", bound=torch.nn.Module)
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 _SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 
-def _seeded(build):
-    """Run ``build()`` right after ``torch.manual_seed(0)``, without disturbing the caller's RNG."""
+def _seeded(build: Callable[[], M]) -> M:
+    """Run ``build()`` right after ``torch.manual_seed(0)``, without disturbing the caller's RNG; eval mode."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return build()
+        return build().eval()  # as from_pretrained would leave it (T5 has dropout)
 
 
 def _byte_symbols() -> list[str]:
@@ -171,9 +180,9 @@ def tiny_sdxl() -> StableDiffusionXLPipeline:
 
 
 def _t5_tokenizer(max_length: int) -> T5Tokenizer:
-    """A Unigram T5 tokenizer over single characters; characters outside it map to <unk>."""
+    """A Unigram T5 tokenizer over single ASCII characters; any other character maps to <unk>."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"]
+    pieces += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
@@ -187,6 +196,7 @@ def _t5_encoder(vocab_size: int, d_model: int) -> T5EncoderModel:
         num_heads=4,
         relative_attention_num_buckets=8,
         feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
         is_encoder_decoder=False,
         use_cache=False,
     )

@@ -1,0 +1,173 @@
+"""The rules as pure tensor code, checked against independent step-by-step references."""
+
+import numpy as np
+import pytest
+import torch
+
+import diffguide as dg
+from diffguide.guidance.adaptive import cosine_similarity
+from diffguide.guidance.base import GuidanceStep, cfg_combine
+from diffguide.guidance.linear_ag import fit_coefficients, paper_schedule, regressor_stack, schedule_nfe
+
+
+def _step(index: int, scale: float = 4.0, batch: int = 3, num_steps: int = 10) -> GuidanceStep:
+    ones = torch.ones(batch, dtype=torch.float64)
+    return GuidanceStep(index, num_steps, 999.0 - index, scale, ones * 0.8, ones * 0.6)
+
+
+def _predictions(batch: int = 3, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    cond = torch.randn(batch, 2, 4, 4, generator=generator, dtype=torch.float64)
+    uncond = cond + 0.7 * torch.randn(batch, 2, 4, 4, generator=generator, dtype=torch.float64)
+    return cond, uncond
+
+
+def _all(batch: int = 3) -> torch.Tensor:
+    return torch.ones(batch, dtype=torch.bool)
+
+
+def test_apg_reduces_to_cfg():
+    rule = dg.APG(eta=1.0, norm_threshold=float("inf"), momentum=0.0)
+    for index in range(3):
+        cond, uncond = _predictions(seed=index)
+        guided = rule.combine(cond, uncond, _all(), _step(index))
+        torch.testing.assert_close(guided, cfg_combine(cond, uncond, 4.0), rtol=0, atol=1e-12)
+
+
+def _apg_reference(conds, unconds, scale, eta, r, beta):
+    """The paper's five steps, one sample and one step at a time, in numpy float64."""
+    outputs, momentum = [], [np.zeros_like(conds[0][b].numpy()) for b in range(len(conds[0]))]
+    for cond, uncond in zip(conds, unconds, strict=True):
+        step_out = []
+        for b in range(len(cond)):
+            c, u = cond[b].numpy().ravel(), uncond[b].numpy().ravel()
+            g = c - u
+            momentum[b] = g + beta * momentum[b].ravel()
+            g = momentum[b]
+            norm = np.sqrt((g * g).sum())
+            g = g * min(1.0, r / norm)
+            g_par = (g @ c) / (c @ c) * c
+            g_orth = g - g_par
+            step_out.append((c + (scale - 1) * (g_orth + eta * g_par)).reshape(cond[b].shape))
+        outputs.append(np.stack(step_out))
+    return outputs
+
+
+def test_apg_matches_step_by_step_reference_of_the_paper():
+    conds, unconds = zip(*[_predictions(seed=s) for s in range(4)], strict=True)
+    rule = dg.APG(eta=0.3, norm_threshold=2.5, momentum=-0.5)
+    rule.reset()
+    ours = [
+        rule.combine(c, u, _all(), _step(i, scale=7.0))
+        for i, (c, u) in enumerate(zip(conds, unconds, strict=True))
+    ]
+    reference = _apg_reference(conds, unconds, 7.0, 0.3, 2.5, -0.5)
+    for got, expected in zip(ours, reference, strict=True):
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
+    # the cap is active in this setting, so the test covers it
+    assert any((c - u).flatten(1).norm(dim=1).max() > 2.5 for c, u in zip(conds, unconds, strict=True))
+
+
+def test_apg_diffusers_formulation_is_u_plus_w_update():
+    cond, uncond = _predictions()
+    paper = dg.APG(eta=0.0, norm_threshold=float("inf"), momentum=0.0)
+    diffusers_like = dg.APG(eta=0.0, norm_threshold=float("inf"), momentum=0.0, formulation="diffusers")
+    update = (paper.combine(cond, uncond, _all(), _step(0)) - cond) / 3.0  # (w - 1) N with w = 4
+    torch.testing.assert_close(diffusers_like.combine(cond, uncond, _all(), _step(0)), uncond + 4.0 * update)
+
+
+def test_apg_momentum_starts_again_after_reset():
+    rule = dg.APG(eta=0.0, norm_threshold=float("inf"), momentum=-0.5)
+    cond, uncond = _predictions()
+    first = rule.combine(cond, uncond, _all(), _step(0))
+    rule.combine(cond, uncond, _all(), _step(1))
+    rule.reset()
+    torch.testing.assert_close(rule.combine(cond, uncond, _all(), _step(0)), first)
+
+
+def test_apg_refuses_a_non_positive_cap():
+    with pytest.raises(ValueError, match="norm_threshold"):
+        dg.APG(norm_threshold=0.0)
+
+
+def test_ag_skips_uncond_after_convergence():
+    rule = dg.AdaptiveGuidance(threshold=0.99)
+    cond, uncond = _predictions()
+    uncond[1] = cond[1] * 1.001  # sample 1 has converged: cosine 1
+    assert rule.uncond_mask(3, _step(0)).all()
+    guided = rule.combine(cond, uncond, _all(), _step(0))
+    torch.testing.assert_close(guided, cfg_combine(cond, uncond, 4.0))  # this step is still CFG
+    mask = rule.uncond_mask(3, _step(1))
+    assert mask.tolist() == [True, False, True]
+    placeholder = torch.where(mask.reshape(-1, 1, 1, 1), uncond, cond)
+    guided = rule.combine(cond, placeholder, mask, _step(1))
+    torch.testing.assert_close(guided[1], cond[1])  # conditional prediction alone
+    # one-way: sample 1 stays off even if it would no longer pass the threshold
+    rule.combine(cond, uncond, rule.uncond_mask(3, _step(2)), _step(2))
+    assert rule.uncond_mask(3, _step(3)).tolist() == [True, False, True]
+
+
+def test_ag_min_steps_delays_the_switch():
+    rule = dg.AdaptiveGuidance(threshold=0.5, min_steps=2)
+    cond, _ = _predictions()
+    for index in range(2):
+        rule.combine(cond, cond, rule.uncond_mask(3, _step(index)), _step(index))
+    assert rule.uncond_mask(3, _step(2)).all()
+    rule.combine(cond, cond, rule.uncond_mask(3, _step(2)), _step(2))
+    assert not rule.uncond_mask(3, _step(3)).any()
+
+
+def test_ag_cosine_is_per_sample():
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    b = torch.tensor([[0.0, 1.0], [2.0, 2.0]])
+    torch.testing.assert_close(cosine_similarity(a, b), torch.tensor([0.0, 1.0], dtype=torch.float64))
+
+
+def test_linear_ag_fit_recovers_planted_coefficients():
+    generator = torch.Generator().manual_seed(0)
+    cond, prev_cond, prev_uncond = (torch.randn(50, 1, 4, 4, generator=generator) for _ in range(3))
+    target = 0.6 * cond + 0.3 * prev_uncond - 0.2 * prev_cond + 0.05
+    stack = regressor_stack(("cond", "prev_uncond", "prev_cond", "bias"), cond, [(prev_cond, prev_uncond)])
+    coefficients = fit_coefficients(stack, target)
+    np.testing.assert_allclose(coefficients.numpy(), [0.6, 0.3, -0.2, 0.05], atol=1e-6)
+
+
+def test_linear_ag_paper_schedule_costs_25_of_40_nfe():
+    schedule = paper_schedule(20)
+    assert schedule[:4] == ["cfg", "estimate", "cfg", "estimate"] and set(schedule[10:]) == {"cond"}
+    assert schedule_nfe(schedule) == 25
+
+
+def test_linear_ag_estimates_with_its_coefficients():
+    coefficients = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.5, 1.0, 0.0, 0.1]], dtype=torch.float64)
+    rule = dg.LinearAG(coefficients, schedule=["cfg", "estimate"])
+    cond0, uncond0 = _predictions(seed=0)
+    cond1, _ = _predictions(seed=1)
+    rule.reset()
+    rule.combine(cond0, uncond0, _all(), _step(0, num_steps=2))
+    guided = rule.combine(cond1, cond1, ~_all(), _step(1, num_steps=2))
+    estimate = 0.5 * cond1 + 1.0 * uncond0 + 0.1
+    torch.testing.assert_close(guided, cfg_combine(cond1, estimate, 4.0))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".json"])
+def test_linear_ag_save_load_round_trip(tmp_path, suffix):
+    coefficients = torch.randn(6, 4, dtype=torch.float64)
+    rule = dg.LinearAG(coefficients, schedule=paper_schedule(6, real_every=3), guidance_scale=3.0)
+    loaded = dg.LinearAG.load(rule.save(tmp_path / f"coefficients{suffix}"))
+    torch.testing.assert_close(loaded.coefficients, coefficients)
+    assert loaded.schedule == rule.schedule and loaded.regressors == rule.regressors
+    assert loaded.guidance_scale == 3.0
+
+
+def test_linear_ag_refuses_bad_files_and_settings(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        dg.LinearAG.load(tmp_path / "missing.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a LinearAG coefficients file"):
+        dg.LinearAG.load(corrupt)
+    with pytest.raises(ValueError, match="unknown regressors"):
+        dg.LinearAG(torch.zeros(4, 1), regressors=("future",))
+    with pytest.raises(ValueError, match="schedule"):
+        dg.LinearAG(torch.zeros(4, 4), schedule=["cfg"] * 3)

@@ -1,0 +1,62 @@
+"""alpha/sigma from the scheduler and the x0 conversions, against the schedulers' own numbers."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+from diffguide.prediction import KINDS, alpha_sigma, from_denoised, prediction_kind, to_denoised
+
+
+def test_integer_timesteps_give_sqrt_alphas_cumprod():
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear")
+    t = torch.tensor([1, 500, 999])
+    alpha, sigma = alpha_sigma(scheduler, t)
+    abar = scheduler.alphas_cumprod[t].double()
+    torch.testing.assert_close(alpha, abar.sqrt())
+    torch.testing.assert_close(sigma, (1 - abar).sqrt())
+
+
+def test_non_integer_euler_timesteps_match_the_schedulers_sigmas():
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear")
+    scheduler.set_timesteps(7)
+    assert any(float(t) != int(t) for t in scheduler.timesteps)  # Euler really uses fractional t
+    alpha, sigma = alpha_sigma(scheduler, scheduler.timesteps)
+    # Euler's input scaling makes x_t = x / sqrt(sigma_k^2 + 1): noise-to-signal sigma / alpha = sigma_k
+    torch.testing.assert_close(sigma / alpha, scheduler.sigmas[:-1].double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(alpha**2 + sigma**2, torch.ones(7, dtype=torch.float64))
+
+
+def test_flow_matching_sigma_is_the_schedulers_sigma():
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(5)
+    assert prediction_kind(scheduler) == "flow"
+    alpha, sigma = alpha_sigma(scheduler, scheduler.timesteps)
+    torch.testing.assert_close(sigma, scheduler.sigmas[:-1].double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(alpha, 1 - sigma)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_conversions_invert_each_other_and_recover_x0(kind):
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64)
+    noise = torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64)
+    if kind == "flow":
+        alpha, sigma = (
+            torch.tensor([0.3, 0.9], dtype=torch.float64),
+            torch.tensor([0.7, 0.1], dtype=torch.float64),
+        )
+    else:
+        abar = torch.tensor([0.2, 0.95], dtype=torch.float64)
+        alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    a, s = alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1)
+    x_t = a * x0 + s * noise
+    output = {"epsilon": noise, "v_prediction": a * noise - s * x0, "sample": x0, "flow": noise - x0}[kind]
+    torch.testing.assert_close(to_denoised(output, x_t, alpha, sigma, kind), x0)
+    torch.testing.assert_close(from_denoised(x0, x_t, alpha, sigma, kind), output)
+
+
+def test_unknown_prediction_type_is_refused():
+    scheduler = DDIMScheduler()
+    scheduler.register_to_config(prediction_type="mystery")
+    with pytest.raises(ValueError, match="unsupported prediction_type"):
+        prediction_kind(scheduler)
