@@ -12,6 +12,7 @@ band per step) and a table to docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import ROOT, machine, markdown_table, write_result, write_section  # noqa: E402
+from report import RESULTS, ROOT, machine, markdown_table, write_result, write_section  # noqa: E402
 
 import diffguide as dg  # noqa: E402
 from diffguide.generation import generate_samples  # noqa: E402
@@ -47,34 +48,32 @@ def crossing_step(median: np.ndarray, threshold: float) -> int | None:
     return int(above[0]) if len(above) else None
 
 
-def plot(results: dict, timesteps: list[int], path: Path) -> None:
+def plot(summary: dict, timesteps: list[int], path: Path) -> None:
+    """1 - cos per step on a log axis (median, 10-90% band), one panel per guidance scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), sharey=True, squeeze=False)
-    for ax, (scale, spaces) in zip(axes[0], results.items(), strict=True):
+    scales = sorted({key.split("/")[0] for key in summary}, key=float)
+    fig, axes = plt.subplots(1, len(scales), figsize=(5.5 * len(scales), 4), sharey=True, squeeze=False)
+    for ax, scale in zip(axes[0], scales, strict=True):
         for space, color in (("model_output", "tab:red"), ("denoised", "tab:blue")):
-            sims = spaces[space]
-            steps = np.arange(sims.shape[0])
-            ax.plot(steps, np.median(sims, axis=1), color=color, label=f"{space} (median)")
-            ax.fill_between(
-                steps,
-                np.percentile(sims, 10, axis=1),
-                np.percentile(sims, 90, axis=1),
-                color=color,
-                alpha=0.2,
-            )
+            curve = summary[f"{scale}/{space}"]
+            steps = np.arange(len(curve["median"]))
+            gap = {name: 1 - np.asarray(curve[name]) for name in ("median", "p10", "p90")}
+            label = "eps (model output)" if space == "model_output" else "denoised x0"
+            ax.plot(steps, gap["median"].clip(1e-7), color=color, label=f"{label}, median")
+            ax.fill_between(steps, gap["p90"].clip(1e-7), gap["p10"].clip(1e-7), color=color, alpha=0.2)
         for threshold in THRESHOLDS:
-            ax.axhline(threshold, color="grey", lw=0.6, ls="--")
-        ax.set_title(f"default model, CFG w={scale:g}")
+            ax.axhline(1 - threshold, color="grey", lw=0.6, ls="--")
+        ax.set_yscale("log")
+        ax.set_title(f"default model, CFG w={scale}, DDIM {len(timesteps)} steps")
         ax.set_xlabel("step (timestep)")
         ax.set_xticks(steps[::4], [f"{i}\n({t})" for i, t in zip(steps[::4], timesteps[::4], strict=True)])
-        ax.set_ylim(0.8, 1.001)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("cos(cond, uncond) per sample")
-    axes[0][0].legend(loc="lower right")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("1 - cos(cond, uncond); dashed: AG thresholds")
+    axes[0][0].legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -87,7 +86,13 @@ def main() -> None:
     parser.add_argument("--n-per-class", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--replot", action="store_true", help="redraw the figure from the saved results")
     args = parser.parse_args()
+    figure = ROOT / "docs" / "figures" / "ag_similarity.png"
+    if args.replot:
+        saved = json.loads((RESULTS / "ag_similarity.json").read_text())
+        plot(saved["results"], saved["timesteps"], figure)
+        return
 
     pipe = dg.load_default_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -100,9 +105,6 @@ def main() -> None:
         }
     pipe.scheduler.set_timesteps(args.steps)
     timesteps = [int(t) for t in pipe.scheduler.timesteps]
-    figure = ROOT / "docs" / "figures" / "ag_similarity.png"
-    plot(results, timesteps, figure)
-
     rows, record = [], {"machine": machine(), "args": vars(args), "timesteps": timesteps, "results": {}}
     for scale, spaces in results.items():
         for space, sims in spaces.items():
@@ -118,6 +120,7 @@ def main() -> None:
                  f"{median[-1]:.4f}", *[("never" if c is None else f"step {c}") for c in crossings]]
             )  # fmt: skip
     write_result("ag_similarity", record)
+    plot(record["results"], timesteps, figure)
     header = ["w", "space", "median at step 0", "lowest median", "median at last step"]
     header += [f"median reaches {t}" for t in THRESHOLDS]
     write_section(
