@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_OUT := outputs/demo.png
+DEMO_OUT := outputs/compare.png
 
 .PHONY: setup demo test test-all lint app
 
@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
+# The main job: CFG, APG, AG and LinearAG on the same seeds, with NFE, time and judge accuracy.
 demo: setup
-	$(BIN)/diffguide sample --labels 0-9 --n 8 --scale 3 --steps 50 --seed 0 --out $(DEMO_OUT)
+	$(BIN)/diffguide compare --methods cfg,apg,ag,linear-ag --scale 3 --steps 20 --labels 0-9 --n 2 --seed 0 --out $(DEMO_OUT)
 
 test: setup
 	$(BIN)/python -m pytest -q

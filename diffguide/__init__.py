@@ -1,7 +1,7 @@
 """diffguide: diffusion sampling and guidance methods for Hugging Face diffusers pipelines."""
 
 from . import metrics
-from .guidance import APG, CFG, AdaptiveGuidance, GuidanceRule, LinearAG
+from .guidance import APG, CFG, AdaptiveGuidance, GuidanceRule, LinearAG, make_rule
 from .hooks import apply, guided, remove, stats
 from .models import DigitsPipeline, load_default_pipeline, load_digits, load_judge
 
@@ -17,6 +17,7 @@ __all__ = [
     "load_default_pipeline",
     "load_digits",
     "load_judge",
+    "make_rule",
     "metrics",
     "remove",
     "stats",

@@ -95,6 +95,49 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import METHODS
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise UsageError(
+            f"unknown method {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(METHODS)}"
+        )
+    if args.steps < 1 or args.n < 1:
+        raise UsageError("--steps and --n must be >= 1")
+    if not args.scale > 1:
+        raise UsageError(f"--scale {args.scale}: guidance rules need a CFG scale > 1")
+    labels = parse_labels(args.labels)
+    out = Path(args.out)
+    _check_output_path(out)
+
+    import torch
+
+    from .compare import build_rule, compare
+    from .images import labelled_grid
+    from .models import load_default_pipeline, load_judge
+
+    pipe = load_default_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    rules = {name: build_rule(name, pipe, args.scale, args.steps) for name in methods}
+    class_labels = [label for label in labels for _ in range(args.n)]
+    results = compare(
+        pipe, rules, class_labels, seed=args.seed, judge=load_judge(),
+        guidance_scale=args.scale, num_inference_steps=args.steps,
+    )  # fmt: skip
+    labelled_grid(torch.cat([r.images for r in results]), [r.name for r in results], margin=64).save(out)
+    baseline = next((r for r in results if r.name == "cfg"), results[0])
+    print(f"wrote {out.resolve()}: {len(methods)} methods x {len(class_labels)} samples, same seeds")
+    print(f"{'method':<10} {'NFE/image':>9} {'time (s)':>9} {'time/' + baseline.name:>9} {'judge acc.':>10}")
+    for r in results:
+        print(
+            f"{r.name:<10} {r.nfe_per_image:>9.1f} {r.seconds:>9.2f} "
+            f"{r.seconds / baseline.seconds:>9.2f} {r.judge_accuracy:>10.0%}"
+        )
+    return 0
+
+
 def _features_extractor(name: str, inception_weights: str | None = None):
     """(extractor, channels, size) for --features judge|inception|PATH."""
     if name == "judge":
@@ -220,6 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", default="grid.png", help="image file to write (.png, .jpg, .webp)")
     sample.set_defaults(func=_cmd_sample)
+
+    compare = sub.add_parser("compare", help="guidance rules side by side on the same seeds")
+    compare.add_argument(
+        "--methods", default="cfg,apg,ag,linear-ag", help="comma-separated: cfg, apg, ag, linear-ag"
+    )
+    compare.add_argument("--scale", type=float, default=3.0, help="CFG guidance scale (default 3)")
+    compare.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    compare.add_argument("--labels", default="0-9", help="classes (default 0-9)")
+    compare.add_argument("--n", type=int, default=1, help="samples per label (default 1)")
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--out", default="compare.png", help="image file to write")
+    compare.set_defaults(func=_cmd_compare)
 
     evaluate = sub.add_parser("eval", help="distribution metrics: FD, KID, FD-infinity, ISTD")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)

@@ -30,31 +30,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import RESULTS, ROOT, machine, markdown_table, write_result, write_section  # noqa: E402
 
 import diffguide as dg  # noqa: E402
+from diffguide.compare import calibrate_linear_ag  # noqa: E402
 from diffguide.generation import generate_samples  # noqa: E402
 from diffguide.guidance.linear_ag import paper_schedule  # noqa: E402
 from diffguide.metrics import clipped_fraction, feature_frechet_distance  # noqa: E402
 from diffguide.metrics.features import extract_features  # noqa: E402
 
-CALIBRATION_SEED = 100_000
 INF = float("inf")
 
 
-def rules_for(
-    pipe, scale: float, steps: int, calibration: int, batch_size: int
-) -> dict[str, dg.GuidanceRule]:
+def rules_for(pipe, scale: float, steps: int, calibration: int) -> dict[str, dg.GuidanceRule]:
     """The rows of the table at one guidance scale, by name."""
-    labels = torch.arange(pipe.num_classes).repeat(calibration // pipe.num_classes + 1)[:calibration]
-    calls = [
-        {
-            "class_labels": labels[i : i + batch_size].tolist(),
-            "generator": [torch.Generator().manual_seed(CALIBRATION_SEED + j) for j in range(i, i + len(labels[i : i + batch_size]))],
-            "guidance_scale": scale,
-            "num_inference_steps": steps,
-            "output_type": "pt",
-        }
-        for i in range(0, calibration, batch_size)
-    ]  # fmt: skip
-    linear_ag = dg.LinearAG.calibrate(pipe, calls)
+    linear_ag = calibrate_linear_ag(pipe, scale, steps, calibration)
     linear_ag.save(RESULTS / f"linear_ag_w{scale:g}_{steps}steps.safetensors")
     return {
         "CFG": dg.CFG(),
@@ -149,7 +136,7 @@ def main() -> None:
     # one untimed call first, so the first timed row does not pay for warm-up
     generate_samples(pipe, labels[:10], batch_size=10, guidance_scale=3.0, num_inference_steps=2)
     for scale in [float(s) for s in args.scales.split(",")]:
-        rules = rules_for(pipe, scale, args.steps, args.calibration, args.batch_size)
+        rules = rules_for(pipe, scale, args.steps, args.calibration)
         chosen = args.only.split(",") if args.only else list(rules)
         for name in ["CFG", *[n for n in chosen if n != "CFG"]]:
             key = f"{name} @ w={scale:g}"

@@ -53,8 +53,44 @@ def test_sample_writes_labelled_grid_and_reports(tmp_path):
 
 
 def test_every_subcommand_has_help():
-    for command in (["--help"], ["sample", "--help"], ["train", "--help"]):
+    for command in (["--help"], ["sample", "--help"], ["compare", "--help"], ["train", "--help"]):
         result = subprocess.run(
             [sys.executable, "-m", "diffguide.cli", *command], capture_output=True, text=True
         )
         assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_compare_runs_each_method_on_the_same_seeds(tmp_path, capsys):
+    out = tmp_path / "compare.png"
+    args = [
+        "compare",
+        "--methods",
+        "cfg,apg,ag,linear-ag",
+        "--labels",
+        "1,7",
+        "--steps",
+        "4",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = {line.split()[0]: line.split() for line in lines[2:]}
+    assert set(table) == {"cfg", "apg", "ag", "linear-ag"}
+    assert float(table["cfg"][1]) == 8.0 and float(table["apg"][1]) == 8.0
+    assert float(table["linear-ag"][1]) == 2 + 1 + 1 + 1  # paper schedule at 4 steps
+    assert PIL.Image.open(out).size == (64 + 2 * (56 + 2), 4 * (56 + 2))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--methods", "cfg,magic"], "unknown method 'magic'"),
+        (["--scale", "1"], "CFG scale > 1"),
+        (["--steps", "0"], "must be >= 1"),
+    ],
+)
+def test_compare_bad_input_exits_with_one_line(extra, message, capsys, tmp_path):
+    assert main(["compare", "--out", str(tmp_path / "c.png"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

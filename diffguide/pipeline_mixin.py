@@ -1,0 +1,40 @@
+"""Guidance as call arguments of a diffusers pipeline: the body of the drop-in pipelines.
+
+``pipelines/*.py`` define, e.g., ``class GuidedStableDiffusionPipeline(GuidedPipelineMixin,
+StableDiffusionPipeline)``, which diffusers loads with ``custom_pipeline=``. Its ``__call__``
+takes two more arguments and otherwise is the parent's:
+
+- ``guidance``: ``"cfg"``, ``"apg"``, ``"ag"``, ``"linear-ag"`` or a rule object; ``None`` runs
+  the parent pipeline untouched;
+- ``guidance_kwargs``: the rule's parameters, e.g. ``{"eta": 0.0, "norm_threshold": 15.0}``.
+
+After a guided call, ``pipe.guidance_stats`` holds its network evaluations (``dg.stats``).
+"""
+
+from __future__ import annotations
+
+from .guidance import GuidanceRule, make_rule
+from .hooks import guided, stats
+
+
+class GuidedPipelineMixin:
+    """Adds ``guidance=`` and ``guidance_kwargs=`` to a pipeline's ``__call__``."""
+
+    guidance_stats: dict | None = None
+
+    def __call__(
+        self, *args, guidance: str | GuidanceRule | None = None, guidance_kwargs: dict | None = None, **kwargs
+    ):
+        if guidance is None:
+            if guidance_kwargs:
+                raise ValueError(
+                    "guidance_kwargs given without guidance=; name a method such as guidance='apg'"
+                )
+            return super().__call__(*args, **kwargs)
+        rule = (
+            guidance if isinstance(guidance, GuidanceRule) else make_rule(guidance, **(guidance_kwargs or {}))
+        )
+        with guided(self, rule):
+            output = super().__call__(*args, **kwargs)
+            self.guidance_stats = stats(self)
+        return output
