@@ -35,10 +35,8 @@ HOOK_NAME = "diffguide_guidance"
 SUPPORTED_PIPELINES = (
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
-    "StableDiffusionInpaintPipeline",
     "StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline",
-    "StableDiffusionXLInpaintPipeline",
     "StableDiffusion3Pipeline",
     "StableDiffusion3Img2ImgPipeline",
     "DigitsPipeline",
@@ -172,14 +170,16 @@ class GuidanceHook(ModelHook):
         self.step_index += 1
 
         prediction = _prediction_of(output)
-        channels = sample.shape[1]
-        learned_variance = prediction.shape[1] == 2 * channels
+        # learned-variance models output [prediction, variance]; inputs may carry extra
+        # conditioning channels after the latents (inpainting), so x_t is the first channels
+        learned_variance = prediction.shape[1] == 2 * sample.shape[1]
+        channels = sample.shape[1] if learned_variance else prediction.shape[1]
         extra = prediction[len(uncond_rows) :, channels:] if learned_variance else None
         prediction = prediction[:, :channels] if learned_variance else prediction
         cond = prediction[len(uncond_rows) :]
         uncond = cond.clone()
         uncond[uncond_mask.to(cond.device)] = prediction[: len(uncond_rows)]
-        x_t = sample[batch:]
+        x_t = sample[batch:, :channels]
 
         if self.rule.space == "denoised":
             to_x0 = [to_denoised(p.double(), x_t.double(), alpha, sigma, kind) for p in (cond, uncond)]
