@@ -1,6 +1,7 @@
 """diffguide: diffusion sampling and guidance methods for Hugging Face diffusers pipelines."""
 
 from . import metrics
+from .classifier import ClassifierSchedule, DiffusionClassifier
 from .guidance import APG, CFG, AdaptiveGuidance, GuidanceRule, LinearAG, make_rule
 from .hooks import apply, guided, remove, stats
 from .models import DigitsPipeline, load_default_pipeline, load_digits, load_judge
@@ -8,6 +9,8 @@ from .models import DigitsPipeline, load_default_pipeline, load_digits, load_jud
 __all__ = [
     "APG",
     "CFG",
+    "ClassifierSchedule",
+    "DiffusionClassifier",
     "AdaptiveGuidance",
     "DigitsPipeline",
     "GuidanceRule",

@@ -138,6 +138,55 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_classify(args: argparse.Namespace) -> int:
+    if args.model != "default":
+        raise UsageError(f"--model {args.model!r}: only the embedded 'default' model is supported so far")
+    from .classifier import PRESETS
+
+    if args.schedule not in PRESETS:
+        raise UsageError(f"unknown --schedule {args.schedule!r}; choose from {', '.join(PRESETS)}")
+    from .metrics.features import IMAGE_SUFFIXES as SUFFIXES
+
+    files: list[Path] = []
+    for item in args.images:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UsageError(f"{path} does not exist")
+    if not files:
+        raise UsageError(f"no images ({', '.join(SUFFIXES)}) in {' '.join(args.images)}")
+
+    import json
+
+    from .classifier import DiffusionClassifier
+    from .metrics.features import load_image_files
+    from .models import load_default_pipeline
+
+    pipe = load_default_pipeline()
+    channels, height, _ = pipe.image_shape
+    try:
+        images = load_image_files(files, channels=channels, size=height)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    classifier = DiffusionClassifier(pipe, schedule=args.schedule, seed=args.seed)
+    result = classifier.classify(images, progress=len(files) > 1)
+    rows = [
+        {"image": str(path), "label": int(label), "margin": float(margin), "nfe": int(nfe)}
+        for path, label, margin, nfe in zip(files, result.labels, result.margins, result.nfe, strict=True)
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for row in rows:
+            print(
+                f"{row['image']}: {row['label']} (margin {row['margin']:.4f} to the runner-up, {row['nfe']} NFE)"
+            )
+    return 0
+
+
 def _features_extractor(name: str, inception_weights: str | None = None):
     """(extractor, channels, size) for --features judge|inception|PATH."""
     if name == "judge":
@@ -275,6 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--out", default="compare.png", help="image file to write")
     compare.set_defaults(func=_cmd_compare)
+
+    classify = sub.add_parser("classify", help="zero-shot classification with the diffusion model")
+    classify.add_argument("images", nargs="+", help="image files or folders")
+    classify.add_argument("--model", default="default")
+    classify.add_argument(
+        "--schedule", default="fast", help="fast (default), paper-cifar10, paper-imagenet, full"
+    )
+    classify.add_argument("--seed", type=int, default=0)
+    classify.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    classify.set_defaults(func=_cmd_classify)
 
     evaluate = sub.add_parser("eval", help="distribution metrics: FD, KID, FD-infinity, ISTD")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)

@@ -94,3 +94,39 @@ def test_compare_bad_input_exits_with_one_line(extra, message, capsys, tmp_path)
     assert main(["compare", "--out", str(tmp_path / "c.png"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_classify_reads_images_and_prints_labels_with_margins(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    import diffguide as dg
+
+    images, labels = dg.load_digits("test")
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i in (0, 100, 200):
+        PIL.Image.fromarray((images[i, 0].numpy() * 255).astype(np.uint8)).save(
+            folder / f"{i}_{int(labels[i])}.png"
+        )
+    assert main(["classify", str(folder), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["label"] for row in rows] == [int(labels[i]) for i in (0, 100, 200)]
+    assert all(row["margin"] > 0 and 0 < row["nfe"] <= 85 for row in rows)
+
+
+def test_classify_bad_input_exits_with_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    for args, message in [
+        ([str(tmp_path / "missing.png")], "does not exist"),
+        ([str(empty)], "no images"),
+        ([str(broken)], "cannot read image"),
+        ([str(broken), "--schedule", "magic"], "unknown --schedule"),
+    ]:
+        assert main(["classify", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1

@@ -34,15 +34,20 @@ def load_image_folder(folder: str | Path, channels: int = 1, size: int | None = 
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"image folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return load_image_files(files, channels, size, desc=f"reading {folder.name}")
+
+
+def load_image_files(
+    files: list[Path], channels: int = 1, size: int | None = None, desc: str = "reading"
+) -> torch.Tensor:
+    """``files`` as (N, channels, H, W) float32 in [0, 1], by :func:`load_image_folder`'s rule."""
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     target = (size, size) if size is not None else None
     arrays = []
     # a bar only where a load takes noticeable time, and only on a terminal (disable=None)
-    for path in tqdm(
-        files, desc=f"reading {folder.name}", unit="img", disable=True if len(files) < 2000 else None
-    ):
+    for path in tqdm(files, desc=desc, unit="img", disable=True if len(files) < 2000 else None):
         try:
             image = PIL.Image.open(path).convert(mode)
         except (OSError, PIL.UnidentifiedImageError) as err:

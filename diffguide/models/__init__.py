@@ -21,7 +21,16 @@ def load_default_pipeline(device: str | torch.device = "cpu") -> DigitsPipeline:
             f"the default model is missing from {DEFAULT_MODEL_DIR}; "
             "reinstall diffguide or train it with `diffguide train default`"
         )
-    pipe = DigitsPipeline.from_pretrained(DEFAULT_MODEL_DIR)
+    from diffusers.utils import logging as diffusers_logging
+
+    # two small local files: diffusers' "Loading pipeline components" bar is only noise here
+    bar_was_on = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        pipe = DigitsPipeline.from_pretrained(DEFAULT_MODEL_DIR)
+    finally:
+        if bar_was_on:
+            diffusers_logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

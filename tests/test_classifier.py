@@ -1,0 +1,127 @@
+"""Diffusion Classifier: planted denoisers, shared noise, elimination, NFE, text and DiT paths."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, DiTPipeline, DiTTransformer2DModel, UNet2DModel
+from tiny_pipelines import _vae, tiny_sd
+
+import diffguide as dg
+from diffguide.classifier import ClassifierSchedule, DiffusionClassifier, timestep_grid
+
+
+class PlantedUNet(torch.nn.Module):
+    """Predicts the exact noise for ``true_class`` and the noise plus ``offsets[c]`` otherwise."""
+
+    def __init__(self, x0: torch.Tensor, true_class: int, offsets: list[float], scheduler):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))  # gives the module a device and dtype
+        self.config = SimpleNamespace(
+            num_class_embeds=len(offsets) + 1, sample_size=x0.shape[-1], in_channels=x0.shape[0]
+        )
+        self.x0, self.true_class, self.offsets = x0 * 2 - 1, true_class, offsets
+        self.abar = scheduler.alphas_cumprod
+        self.rows: list[tuple[int, int, torch.Tensor]] = []
+
+    def forward(self, x_t, t, class_labels):
+        abar = self.abar[t].reshape(-1, 1, 1, 1)
+        noise = (x_t - abar.sqrt() * self.x0) / (1 - abar).sqrt()
+        offsets = torch.tensor(
+            [0.0 if c == self.true_class else self.offsets[c] for c in class_labels.tolist()]
+        )
+        self.rows += [(int(c), int(tt), x.clone()) for c, tt, x in zip(class_labels, t, x_t, strict=True)]
+        return SimpleNamespace(sample=noise + offsets.reshape(-1, 1, 1, 1))
+
+
+def _planted(true_class=2, offsets=(0.3, 0.6, 0.2, 0.9, 0.5)):
+    scheduler = DDIMScheduler()
+    image = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    unet = PlantedUNet(image[0], true_class, list(offsets), scheduler)
+    return SimpleNamespace(unet=unet, scheduler=scheduler, num_classes=len(offsets)), image
+
+
+def test_planted_denoiser_is_classified_correctly_with_exact_nfe():
+    pipe, image = _planted()
+    result = DiffusionClassifier(pipe, schedule=ClassifierSchedule((6,), (1,)), batch_size=7).classify(image)
+    assert result.labels.tolist() == [2]
+    assert result.nfe.tolist() == [5 * 6] == [len(pipe.unet.rows)]
+    assert result.margins[0] > 0 and result.errors[0].argmin() == 2
+
+
+def test_noise_and_timesteps_are_shared_across_classes():
+    pipe, image = _planted()
+    DiffusionClassifier(pipe, schedule=ClassifierSchedule((4,), (1,))).classify(image)
+    by_t: dict[int, list] = {}
+    for cls, t, x_t in pipe.unet.rows:
+        by_t.setdefault(t, []).append((cls, x_t))
+    assert sorted(by_t) == timestep_grid(1000, 4)
+    for rows in by_t.values():
+        assert sorted(cls for cls, _ in rows) == list(range(5))
+        assert all(torch.equal(rows[0][1], x_t) for _, x_t in rows)
+
+
+def test_elimination_keeps_the_true_class_and_reuses_errors():
+    pipe, image = _planted(true_class=4, offsets=(0.2, 0.25, 0.9, 0.8, 0.0))
+    result = DiffusionClassifier(pipe, schedule=ClassifierSchedule((2, 4), (2, 1))).classify(image)
+    assert result.labels.tolist() == [4]
+    # stage 1: 5 classes x 2 timesteps; stage 2: 2 survivors x 4 grid timesteps (grid(4) and grid(2) differ)
+    new_in_stage_two = len(set(timestep_grid(1000, 4)) - set(timestep_grid(1000, 2)))
+    assert result.nfe.tolist() == [5 * 2 + 2 * new_in_stage_two] == [len(pipe.unet.rows)]
+
+
+def test_confident_margin_stops_early():
+    pipe, image = _planted(offsets=(2.0, 2.0, 0.0, 2.0, 2.0))
+    schedule = ClassifierSchedule((4, 8, 16), (5, 5, 1), stop_z=3.0)
+    result = DiffusionClassifier(pipe, schedule=schedule).classify(image)
+    assert result.labels.tolist() == [2] and result.nfe.tolist() == [5 * 4]
+
+
+def test_classification_is_deterministic_given_a_seed(tiny_pipe):
+    images = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    first = DiffusionClassifier(tiny_pipe, schedule=ClassifierSchedule((3,), (1,)), seed=5).classify(images)
+    again = DiffusionClassifier(tiny_pipe, schedule=ClassifierSchedule((3,), (1,)), seed=5).classify(images)
+    assert torch.equal(first.errors, again.errors)
+
+
+def test_text_conditional_path_runs_on_a_tiny_sd_pipeline():
+    pipe = tiny_sd()
+    classifier = DiffusionClassifier(
+        pipe, schedule=ClassifierSchedule((2,), (1,)), class_names=["cat", "dog", "car"]
+    )
+    result = classifier.classify(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    assert result.labels.shape == (2,) and set(result.labels.tolist()) <= {0, 1, 2}
+    assert result.nfe.tolist() == [3 * 2, 3 * 2] and result.errors.shape == (2, 3)
+
+
+def test_dit_class_label_path_runs():
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=4, norm_num_groups=4,
+    )  # fmt: skip
+    pipe = DiTPipeline(transformer=transformer, vae=_vae(), scheduler=DDIMScheduler())
+    result = DiffusionClassifier(pipe, schedule=ClassifierSchedule((2,), (1,))).classify(
+        torch.rand(1, 3, 16, 16)
+    )
+    assert result.nfe.tolist() == [4 * 2] and 0 <= int(result.labels[0]) < 4
+
+
+def test_bad_input_gets_clear_errors(tiny_pipe):
+    classifier = DiffusionClassifier(tiny_pipe, schedule=ClassifierSchedule((2,), (1,)))
+    with pytest.raises(ValueError, match=r"shape \(1, 28, 28\), the model expects \(1, 8, 8\)"):
+        classifier.classify(torch.rand(1, 1, 28, 28))
+    with pytest.raises(ValueError, match="no images"):
+        classifier.classify(torch.rand(0, 1, 8, 8))
+    unconditional = DDPMPipeline(unet=UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
+                                                  down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2),
+                                 scheduler=DDIMScheduler())  # fmt: skip
+    with pytest.raises(TypeError, match="takes no class labels or text"):
+        DiffusionClassifier(unconditional)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        DiffusionClassifier(tiny_pipe, schedule="fastest")
+    with pytest.raises(ValueError, match="n_samples must increase"):
+        ClassifierSchedule((5, 5), (2, 1))
+    with pytest.raises(ValueError, match="needs prompts= or class_names="):
+        DiffusionClassifier(tiny_sd())
+    assert isinstance(dg.DiffusionClassifier, type)
