@@ -5,6 +5,7 @@ from .classifier import ClassifierSchedule, DiffusionClassifier
 from .guidance import APG, CFG, AdaptiveGuidance, GuidanceRule, LinearAG, make_rule
 from .hooks import apply, guided, remove, stats
 from .models import DigitsPipeline, load_default_pipeline, load_digits, load_judge
+from .schedulers import ShortestPathScheduler
 
 __all__ = [
     "APG",
@@ -23,6 +24,7 @@ __all__ = [
     "make_rule",
     "metrics",
     "remove",
+    "ShortestPathScheduler",
     "stats",
 ]
 __version__ = "0.1.0"
