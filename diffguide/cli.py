@@ -280,7 +280,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.what == "default":
         from .models.training import DefaultTrainingConfig, train_default
 
-        config = DefaultTrainingConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+        config = DefaultTrainingConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            corruption=args.corruption,
+            spd_spectrum=args.spd_spectrum,
+        )
         record = train_default(args.out or "diffguide/models/default", args.run_dir, config)
     else:
         from .models.judge import train_judge
@@ -373,6 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=defaults.steps)
     train.add_argument("--batch-size", type=int, default=defaults.batch_size)
     train.add_argument("--epochs", type=int, default=30, help="judge epochs")
+    train.add_argument(
+        "--corruption",
+        default="ddpm",
+        choices=["ddpm", "spd"],
+        help="ddpm (default) or spd: Shortest Path Diffusion",
+    )
+    train.add_argument(
+        "--spd-spectrum",
+        default="fit",
+        choices=["fit", "authors", "empirical"],
+        help="SPD's data spectrum D_f",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_cmd_train)
     return parser

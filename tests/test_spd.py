@@ -123,3 +123,29 @@ def test_spectrum_fit_recovers_planted_parameters():
     x0 = _data_with_spectrum(planted, 400)
     fitted = fit_spectrum_parameters(x0)
     assert fitted["m"] == pytest.approx(2.0, rel=0.1) and fitted["c1"] == pytest.approx(3.0, rel=0.3)
+
+
+def test_training_with_spd_corruption_saves_a_pipeline_that_samples_with_spd(tmp_path, monkeypatch):
+    from conftest import tiny_digits_unet
+
+    import diffguide.models.training as training
+
+    monkeypatch.setattr(
+        training, "default_unet", lambda sample_size, num_classes: tiny_digits_unet(sample_size)
+    )
+    config = training.DefaultTrainingConfig(
+        steps=2, batch_size=8, warmup_steps=1, source="sklearn", corruption="spd"
+    )
+    training.train_default(tmp_path / "spd", tmp_path / "run", config, progress=False)
+    pipe = dg.DigitsPipeline.from_pretrained(tmp_path / "spd")
+    assert isinstance(pipe.scheduler, dg.ShortestPathScheduler)
+    assert pipe.scheduler.spectrum.shape == (8, 8)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        [1, 2], num_inference_steps=4, output_type="pt", generator=torch.Generator().manual_seed(0)
+    ).images
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+    with pytest.raises(ValueError, match="corruption must be one of"):
+        training.train_default(
+            tmp_path / "x", tmp_path / "y", training.DefaultTrainingConfig(corruption="blur")
+        )

@@ -1,5 +1,9 @@
 """Training of the embedded default model: DDPM's epsilon objective with label dropout.
 
+``corruption="spd"`` trains the same network with Shortest Path Diffusion's per-frequency
+corruption (``diffguide.schedulers.spd``) instead of DDPM's, with everything else equal, so
+the two can be compared at the same budget.
+
 ``diffguide train default`` runs :func:`train_default`. Each step draws a batch from the
 train split (never the test split), a uniform timestep and Gaussian noise per image, replaces
 the label by the null class with probability ``label_dropout`` (so the same network gives
@@ -43,6 +47,29 @@ class DefaultTrainingConfig:
     seed: int = 0
     source: str = "mnist"
     checkpoint_every: int = 100
+    #: "ddpm" (the shipped model) or "spd" (Shortest Path Diffusion: per-frequency corruption)
+    corruption: str = "ddpm"
+    #: SPD's data spectrum: "fit" (c1/(c2+|f|)^m fitted to the train split), "authors" (their
+    #: CIFAR-10 constants) or "empirical" (the train split's radial power spectrum)
+    spd_spectrum: str = "fit"
+
+
+CORRUPTIONS = ("ddpm", "spd")
+SPD_SPECTRA = ("fit", "authors", "empirical")
+
+
+def spd_scheduler_for(data: torch.Tensor, spectrum: str, num_train_timesteps: int = 1000):
+    """The ShortestPathScheduler for ``data`` (N, C, H, W) in [-1, 1] with the chosen spectrum."""
+    from ..schedulers.spd import ShortestPathScheduler, fit_spectrum_parameters, radial_power_spectrum
+
+    size = list(data.shape[-2:])
+    if spectrum == "fit":
+        return ShortestPathScheduler(num_train_timesteps, size, **fit_spectrum_parameters(data))
+    if spectrum == "authors":
+        return ShortestPathScheduler(num_train_timesteps, size)
+    if spectrum == "empirical":
+        return ShortestPathScheduler(num_train_timesteps, size, spectrum=radial_power_spectrum(data).tolist())
+    raise ValueError(f"spd_spectrum must be one of {SPD_SPECTRA}, got {spectrum!r}")
 
 
 def _lr_factor(step: int, config: DefaultTrainingConfig) -> float:
@@ -72,6 +99,8 @@ def train_default(
     to ``output_dir/training.json``.
     """
     config = config or DefaultTrainingConfig()
+    if config.corruption not in CORRUPTIONS:
+        raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {config.corruption!r}")
     output_dir, run_dir = Path(output_dir), Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -80,7 +109,12 @@ def train_default(
     data = images * 2 - 1
     num_classes = int(labels.max()) + 1
     unet = default_unet(sample_size=data.shape[-1], num_classes=num_classes)
-    noise_scheduler = DDPMScheduler(**default_scheduler_config())
+    if config.corruption == "spd":
+        noise_scheduler = spd_scheduler_for(data, config.spd_spectrum)
+        first_t = 1  # SPD's t = 0 is the clean image; DDPM's t = 0 already has a little noise
+    else:
+        noise_scheduler = DDPMScheduler(**default_scheduler_config())
+        first_t = 0
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
     ema = EMAModel(unet.parameters(), decay=config.ema_decay)
@@ -133,7 +167,9 @@ def train_default(
         drop = torch.rand(len(y), generator=generator) < config.label_dropout
         y[drop] = num_classes
         noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(y),), generator=generator)
+        t = torch.randint(
+            first_t, noise_scheduler.config.num_train_timesteps + first_t, (len(y),), generator=generator
+        )
         noisy = noise_scheduler.add_noise(x0, noise, t)
 
         loss = F.mse_loss(unet(noisy, t, class_labels=y).sample, noise)
@@ -159,7 +195,8 @@ def train_default(
 
     ema.copy_to(unet.parameters())
     unet.eval()
-    pipe = DigitsPipeline(unet=unet, scheduler=default_sampling_scheduler())
+    sampler = noise_scheduler if config.corruption == "spd" else default_sampling_scheduler()
+    pipe = DigitsPipeline(unet=unet, scheduler=sampler)
     pipe.save_pretrained(output_dir, safe_serialization=True)
     record = {
         "config": asdict(config),
