@@ -148,7 +148,15 @@ class GuidanceHook(ModelHook):
         scheduler = pipe.scheduler
         kind = prediction_kind(scheduler)
         timesteps = getattr(scheduler, "timesteps", None)
-        alpha, sigma = alpha_sigma(scheduler, timestep if timestep is not None else 0.0)
+        try:
+            alpha, sigma = alpha_sigma(scheduler, timestep if timestep is not None else 0.0)
+        except ValueError as err:
+            if self.rule.space == "denoised":
+                raise ValueError(
+                    f"{self.rule!r} works on denoised (x0) predictions, which need one alpha/sigma per "
+                    f"timestep ({err}); use the rule with space='model_output'"
+                ) from None
+            alpha = sigma = torch.full((1,), float("nan"), dtype=torch.float64)
         if alpha.numel() == rows:
             alpha, sigma = alpha[batch:], sigma[batch:]
         alpha, sigma = alpha.expand(batch), sigma.expand(batch)

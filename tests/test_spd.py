@@ -149,3 +149,16 @@ def test_training_with_spd_corruption_saves_a_pipeline_that_samples_with_spd(tmp
         training.train_default(
             tmp_path / "x", tmp_path / "y", training.DefaultTrainingConfig(corruption="blur")
         )
+
+
+def test_guidance_rules_on_an_spd_pipeline_need_model_output_space(tiny_pipe):
+    tiny_pipe.scheduler = dg.ShortestPathScheduler(num_train_timesteps=50, sample_size=8)
+    kwargs = {"num_inference_steps": 3, "output_type": "pt"}
+    reference = tiny_pipe([1, 2], generator=torch.Generator().manual_seed(0), **kwargs).images
+    with dg.guided(
+        tiny_pipe, dg.APG(eta=1.0, norm_threshold=float("inf"), momentum=0.0, space="model_output")
+    ):
+        guided = tiny_pipe([1, 2], generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert (guided - reference).abs().max() <= 1e-5
+    with dg.guided(tiny_pipe, dg.AdaptiveGuidance()), pytest.raises(ValueError, match="space='model_output'"):
+        tiny_pipe([1], **kwargs)
