@@ -1,0 +1,127 @@
+"""Smooth Diffusion's step-wise variation regularization (Guo, Xu, Wang, Yang, Zhang, Li &
+Shi, "Smooth Diffusion: Crafting Smooth Latent Spaces in Diffusion Models", CVPR 2024,
+arXiv 2312.04410).
+
+With ``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`` and the model's prediction of the clean
+image ``x0_hat(x_t, t)`` (for an epsilon model ``(x_t - sqrt(1 - abar) eps_theta) / sqrt(abar)``;
+for a v model ``sqrt(abar) x_t - sqrt(1 - abar) v_theta``), draw per sample
+
+    n ~ N(0, I) / sqrt(C H W) * sqrt(1 - abar),   g = d <x0_hat, n> / d eps,   v = ||g||,
+
+keep a running target ``a <- a + 0.01 (mean(v) - a)`` (starting at 0, part of the training
+state), and add ``lambda * mean((v - a)^2)`` to the denoising loss (lambda = 1 in the paper).
+``g = J^T n`` with ``J = d x0_hat / d eps``: the penalty asks a small step of the input noise to
+move the output image by a steady amount, which is what makes interpolations smooth.
+
+The gradient w.r.t. ``eps`` needs a second backward through the network
+(``create_graph=True``); torch's fused CPU attention has no double backward, so
+:func:`use_plain_attention` switches a model's attention to diffusers' ``AttnProcessor``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _b(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like)
+
+
+def predicted_x0(
+    output: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, prediction_type: str = "epsilon"
+) -> torch.Tensor:
+    """The clean image a model output implies at ``x_t`` with signal level ``abar`` (B,)."""
+    a, s = _b(abar, x_t).sqrt(), _b(1 - abar, x_t).sqrt()
+    if prediction_type == "epsilon":
+        return (x_t - s * output) / a
+    if prediction_type == "v_prediction":
+        return a * x_t - s * output
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def variation_norms(
+    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str = "epsilon",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``v = ||d <x0_hat, n> / d eps||`` per sample (B,), differentiable (for the penalty).
+
+    ``denoise(x_t, t)`` is the model's raw output (epsilon or v); ``alphas_cumprod`` the
+    training schedule's ``abar`` indexed by timestep.
+    """
+    abar = alphas_cumprod.to(x0.device)[timesteps].to(x0.dtype)
+    noise = noise.detach().requires_grad_(True)
+    x_t = _b(abar, x0).sqrt() * x0 + _b(1 - abar, x0).sqrt() * noise
+    x0_hat = predicted_x0(denoise(x_t, timesteps), x_t, abar, prediction_type)
+    elements = x0[0].numel()
+    probe = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    probe = probe / elements**0.5 * _b(1 - abar, x0).sqrt()
+    (gradient,) = torch.autograd.grad((x0_hat * probe).sum(), noise, create_graph=True)
+    return gradient.flatten(1).norm(dim=1)
+
+
+class VariationRegularizer:
+    """The regularizer with its running target ``a``: a loss term for any training loop.
+
+    ``loss(...)`` returns ``weight * mean((v - a)^2)`` and then moves ``a`` towards ``mean(v)``
+    by ``decay``; ``state_dict`` / ``load_state_dict`` carry ``a`` through checkpoints.
+    """
+
+    def __init__(self, weight: float = 1.0, decay: float = 0.01):
+        if weight < 0 or not 0 < decay <= 1:
+            raise ValueError(f"need weight >= 0 and 0 < decay <= 1, got weight={weight}, decay={decay}")
+        self.weight = weight
+        self.decay = decay
+        self.target = 0.0
+
+    def update_target(self, norms: torch.Tensor) -> float:
+        """``a <- a + decay (mean(v) - a)``; returns the new ``a``."""
+        self.target += self.decay * (float(norms.detach().mean()) - self.target)
+        return self.target
+
+    def loss(
+        self,
+        denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        alphas_cumprod: torch.Tensor,
+        prediction_type: str = "epsilon",
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The weighted penalty for this batch (0 without any network call when weight is 0)."""
+        if self.weight == 0:
+            return torch.zeros((), device=x0.device)
+        norms = variation_norms(denoise, x0, noise, timesteps, alphas_cumprod, prediction_type, generator)
+        penalty = ((norms - self.target) ** 2).mean()  # against a from before this step, as in the paper
+        self.update_target(norms)
+        return self.weight * penalty
+
+    def state_dict(self) -> dict:
+        return {"target": self.target, "weight": self.weight, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.target = float(state["target"])
+        self.weight = float(state.get("weight", self.weight))
+        self.decay = float(state.get("decay", self.decay))
+
+
+def use_plain_attention(model: torch.nn.Module) -> int:
+    """Switch every diffusers ``Attention`` in ``model`` to ``AttnProcessor`` (which supports
+    double backward on CPU); returns how many were switched."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.set_processor(AttnProcessor())
+            switched += 1
+    return switched

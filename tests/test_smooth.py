@@ -1,0 +1,99 @@
+"""Smooth Diffusion's variation regularizer against its analytic value for a linear denoiser."""
+
+import pytest
+import torch
+
+from diffguide.smooth import VariationRegularizer, use_plain_attention, variation_norms
+
+
+def _linear_setup(prediction_type="epsilon"):
+    torch.manual_seed(0)
+    weight = torch.randn(4, 4, dtype=torch.float64) * 0.3
+
+    def denoise(x_t, t):
+        return (x_t.flatten(1) @ weight.T).reshape(x_t.shape)
+
+    x0 = torch.randn(3, 1, 2, 2, dtype=torch.float64)
+    noise = torch.randn(3, 1, 2, 2, dtype=torch.float64)
+    abar = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
+    t = torch.tensor([10, 500, 900])
+    return weight, denoise, x0, noise, abar, t
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_regularizer_gradient_norm_equals_its_analytic_value_for_a_linear_denoiser(prediction_type):
+    weight, denoise, x0, noise, abar, t = _linear_setup()
+    norms = variation_norms(denoise, x0, noise, t, abar, prediction_type, torch.Generator().manual_seed(7))
+    probe = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    expected = []
+    for i in range(3):
+        a, s = abar[t[i]].sqrt(), (1 - abar[t[i]]).sqrt()
+        n = probe[i].flatten() / 2.0 * s  # / sqrt(C H W) = / 2, times sqrt(1 - abar)
+        # x_t = a x0 + s eps; d x_t / d eps = s I
+        if prediction_type == "epsilon":  # x0_hat = (x_t - s W x_t) / a
+            jacobian = (torch.eye(4, dtype=torch.float64) - s * weight) * s / a
+        else:  # x0_hat = a x_t - s W x_t
+            jacobian = (a * torch.eye(4, dtype=torch.float64) - s * weight) * s
+        expected.append((jacobian.T @ n).norm())
+    torch.testing.assert_close(norms, torch.stack(expected))
+
+
+def test_the_penalty_is_differentiable_through_the_model():
+    weight, _, x0, noise, abar, t = _linear_setup()
+    weight = weight.clone().requires_grad_(True)
+    norms = variation_norms(lambda x, _t: (x.flatten(1) @ weight.T).reshape(x.shape), x0, noise, t, abar)
+    norms.sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_running_target_moves_by_the_decay_and_survives_a_checkpoint():
+    regularizer = VariationRegularizer(weight=1.0, decay=0.01)
+    assert regularizer.update_target(torch.tensor([2.0, 4.0])) == pytest.approx(0.03)
+    assert regularizer.update_target(torch.tensor([3.0])) == pytest.approx(0.03 + 0.01 * (3.0 - 0.03))
+    restored = VariationRegularizer()
+    restored.load_state_dict(regularizer.state_dict())
+    assert restored.target == regularizer.target
+
+
+def test_penalty_is_measured_against_the_target_before_the_update():
+    _, denoise, x0, noise, abar, t = _linear_setup()
+    regularizer = VariationRegularizer(weight=2.0)
+    norms = variation_norms(denoise, x0, noise, t, abar, generator=torch.Generator().manual_seed(0))
+    penalty = regularizer.loss(denoise, x0, noise, t, abar, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(penalty, 2.0 * (norms**2).mean())  # a was 0
+    assert regularizer.target == pytest.approx(0.01 * float(norms.mean()))
+
+
+def test_lambda_zero_adds_nothing_and_calls_no_network():
+    calls = []
+    regularizer = VariationRegularizer(weight=0.0)
+    penalty = regularizer.loss(lambda x, t: calls.append(1) or x, torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2),
+                               torch.zeros(2, dtype=torch.long), torch.ones(10))  # fmt: skip
+    assert float(penalty) == 0.0 and not calls and regularizer.target == 0.0
+    with pytest.raises(ValueError):
+        VariationRegularizer(weight=-1.0)
+
+
+def test_plain_attention_allows_double_backward_on_cpu():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=8,
+    )  # fmt: skip
+    abar = torch.linspace(0.999, 0.01, 1000)
+
+    def norms_of(model):
+        return variation_norms(lambda x, t: model(x, t).sample, torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8),
+                               torch.tensor([100, 700]), abar)  # fmt: skip
+
+    with pytest.raises(RuntimeError, match="not implemented"):  # torch's fused CPU attention
+        norms_of(unet).sum().backward()
+    unet.zero_grad()
+    assert use_plain_attention(unet) > 0
+    norms = norms_of(unet)
+    norms.sum().backward()  # would raise with the fused CPU attention
+    attention = [p for name, p in unet.named_parameters() if "attentions" in name and name.endswith("weight")]
+    assert attention and all(p.grad is not None and p.grad.abs().sum() > 0 for p in attention)
