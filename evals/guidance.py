@@ -47,6 +47,7 @@ def rules_for(pipe, scale: float, steps: int, calibration: int) -> dict[str, dg.
         "CFG": dg.CFG(),
         "APG eta=0 (projection only)": dg.APG(eta=0.0, norm_threshold=INF, momentum=0.0),
         "APG eta=0 r=2 beta=-0.5": dg.APG(eta=0.0, norm_threshold=2.0, momentum=-0.5),
+        "AG 0.98 (x0)": dg.AdaptiveGuidance(0.98),
         "AG 0.991 (x0)": dg.AdaptiveGuidance(0.991),
         "AG 0.994 (x0)": dg.AdaptiveGuidance(0.994),
         "AG 0.996 (x0)": dg.AdaptiveGuidance(0.996),
@@ -109,6 +110,38 @@ def pareto_plot(rows: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def timing(args) -> None:
+    """Wall time of each rule relative to CFG, rules interleaved so machine noise hits all alike."""
+    pipe = dg.load_default_pipeline()
+    labels = torch.arange(pipe.num_classes).repeat(args.timing // pipe.num_classes + 1)[: args.timing]
+    generate_samples(pipe, labels[:10], batch_size=10, guidance_scale=3.0, num_inference_steps=2)  # warm-up
+    rows = []
+    for scale in [float(s) for s in args.scales.split(",")]:
+        rules = rules_for(pipe, scale, args.steps, args.calibration)
+        names = args.only.split(",") if args.only else list(rules)
+        names = ["CFG", *[n for n in names if n != "CFG"]]
+        seconds: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(3):
+            for name in names:
+                started = time.perf_counter()
+                generate_samples(pipe, labels, seed=args.seed, batch_size=args.batch_size, guidance=rules[name],
+                                 guidance_scale=scale, num_inference_steps=args.steps)  # fmt: skip
+                seconds[name].append(time.perf_counter() - started)
+        cfg = float(np.median(seconds["CFG"]))
+        rows += [
+            [f"{scale:g}", name, f"{np.median(t):.2f}", f"{np.median(t) / cfg:.2f}"]
+            for name, t in seconds.items()
+        ]
+    command = "python evals/guidance.py " + " ".join(sys.argv[1:])
+    write_section(
+        "guidance_timing",
+        f"### Guidance rules: wall time relative to CFG\n\n`{command.strip()}` ({machine()}). {args.timing} samples "
+        f"per rule and round, DDIM {args.steps} steps, batch {args.batch_size}; rules interleaved over 3 rounds, "
+        f"median per rule.\n\n" + markdown_table(["w", "rule", "seconds (median)", "time / CFG"], rows),
+    )
+    print(markdown_table(["w", "rule", "seconds (median)", "time / CFG"], rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,7 +154,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")
     parser.add_argument("--fresh", action="store_true", help="ignore cached rows")
+    parser.add_argument(
+        "--timing", type=int, default=0, metavar="N",
+        help="instead: time every rule on N samples, interleaved over 3 rounds (wall-time ratios to CFG)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.timing:
+        timing(args)
+        return
 
     pipe, judge = dg.load_default_pipeline(), dg.load_judge()
     pipe.set_progress_bar_config(disable=True)
