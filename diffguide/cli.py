@@ -276,18 +276,80 @@ def _cmd_eval_istd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(model: str, lora: str | None):
+    """The default pipeline or a DigitsPipeline folder, with an optional LoRA loaded."""
+    from .models import DigitsPipeline, load_default_pipeline
+
+    if model == "default":
+        pipe = load_default_pipeline()
+    elif Path(model).is_dir():
+        pipe = DigitsPipeline.from_pretrained(model)
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        raise UsageError(f"--model {model!r}: use 'default' or a DigitsPipeline folder")
+    if lora is not None:
+        try:
+            pipe.load_lora_weights(lora)
+        except (FileNotFoundError, ValueError) as err:
+            raise UsageError(f"--lora: {err}") from None
+    return pipe
+
+
+def _cmd_interpolate(args: argparse.Namespace) -> int:
+    labels = parse_labels(args.labels)
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    out = Path(args.out)
+    _check_output_path(out)
+    pipe = _load_model(args.model, args.lora)
+    from .images import labelled_grid
+    from .metrics import interpolation_istd
+
+    mean, values, strips = interpolation_istd(
+        pipe, labels, seed=args.seed, guidance_scale=args.scale, num_inference_steps=args.steps
+    )
+    labelled_grid(strips.flatten(0, 1), [str(label) for label in labels]).save(out)
+    print(
+        f"wrote {out.resolve()}: slerp strips of 11 images; ISTD {mean:.2f} (per label: "
+        + ", ".join(f"{label}: {value:.2f}" for label, value in zip(labels, values, strict=True))
+        + ")"
+    )
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.what == "smooth-lora":
+        from diffusers import DDPMScheduler
+
+        from .models.pipeline import default_scheduler_config
+        from .models.smooth_lora import SmoothLoraConfig, digits_batches, train_smooth_lora
+
+        pipe = _load_model(args.base, None)
+        base = SmoothLoraConfig()
+        config = SmoothLoraConfig(
+            steps=args.steps or base.steps, batch_size=args.batch_size or base.batch_size, learning_rate=args.lr,
+            rank=args.rank, weight=args.weight, seed=args.seed,
+        )  # fmt: skip
+        scheduler = DDPMScheduler(
+            **default_scheduler_config()
+        )  # the schedule the default model was trained with
+        out = args.out or f"runs/smooth-lora-w{args.weight:g}"
+        run_dir = args.run_dir or f"runs/smooth-lora-w{args.weight:g}-run"
+        record = train_smooth_lora(pipe.unet, scheduler, digits_batches(config), out, run_dir, config)
+        print(record)
+        return 0
     if args.what == "default":
         from .models.training import DefaultTrainingConfig, train_default
 
+        defaults = DefaultTrainingConfig()
         config = DefaultTrainingConfig(
-            steps=args.steps,
-            batch_size=args.batch_size,
+            steps=args.steps or defaults.steps,
+            batch_size=args.batch_size or defaults.batch_size,
             seed=args.seed,
             corruption=args.corruption,
             spd_spectrum=args.spd_spectrum,
         )
-        record = train_default(args.out or "diffguide/models/default", args.run_dir, config)
+        record = train_default(args.out or "diffguide/models/default", args.run_dir or "runs/default", config)
     else:
         from .models.judge import train_judge
 
@@ -341,6 +403,16 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--json", action="store_true", help="print JSON instead of lines")
     classify.set_defaults(func=_cmd_classify)
 
+    interpolate = sub.add_parser("interpolate", help="slerp between two noises: a strip and its ISTD")
+    interpolate.add_argument("--model", default="default", help="'default' or a DigitsPipeline folder")
+    interpolate.add_argument("--lora", default=None, help="a LoRA folder or file (e.g. a Smooth-LoRA)")
+    interpolate.add_argument("--labels", default="3", help="one strip per label (default 3)")
+    interpolate.add_argument("--scale", type=float, default=3.0)
+    interpolate.add_argument("--steps", type=int, default=50)
+    interpolate.add_argument("--seed", type=int, default=0)
+    interpolate.add_argument("--out", default="strip.png")
+    interpolate.set_defaults(func=_cmd_interpolate)
+
     evaluate = sub.add_parser("eval", help="distribution metrics: FD, KID, FD-infinity, ISTD")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)
     fid = eval_sub.add_parser("fid", help="Frechet distance between two image folders or .npz statistics")
@@ -371,13 +443,19 @@ def build_parser() -> argparse.ArgumentParser:
         parser_.set_defaults(func=_cmd_eval)
 
     train = sub.add_parser("train", help="train the default model or its judge")
-    train.add_argument("what", choices=["default", "judge"])
+    train.add_argument("what", choices=["default", "judge", "smooth-lora"])
+    train.add_argument("--base", default="default", help="smooth-lora: 'default' or a DigitsPipeline folder")
+    train.add_argument("--weight", type=float, default=1.0, help="smooth-lora: lambda (0 = control run)")
+    train.add_argument("--rank", type=int, default=8, help="smooth-lora: LoRA rank")
+    train.add_argument("--lr", type=float, default=1e-4, help="smooth-lora: learning rate")
     train.add_argument("--out", default=None, help="output folder (default: inside the package)")
+    train.add_argument("--run-dir", default=None, help="resumable checkpoint folder (default: runs/<what>)")
     train.add_argument(
-        "--run-dir", default="runs/default", help="resumable checkpoint folder (default model)"
+        "--steps", type=int, default=None, help=f"default {defaults.steps} (smooth-lora: 1000)"
     )
-    train.add_argument("--steps", type=int, default=defaults.steps)
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument(
+        "--batch-size", type=int, default=None, help=f"default {defaults.batch_size} (smooth-lora: 64)"
+    )
     train.add_argument("--epochs", type=int, default=30, help="judge epochs")
     train.add_argument(
         "--corruption",

@@ -21,6 +21,7 @@ The gradient w.r.t. ``eps`` needs a second backward through the network
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -125,3 +126,86 @@ def use_plain_attention(model: torch.nn.Module) -> int:
             module.set_processor(AttnProcessor())
             switched += 1
     return switched
+
+
+# -- Smooth-LoRA: a LoRA on the UNet's attention projections, saved in diffusers' format ----------
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(
+    unet: torch.nn.Module, rank: int = 8, targets: tuple[str, ...] = LORA_TARGETS
+) -> torch.nn.Module:
+    """Freeze ``unet`` and inject a trainable LoRA of ``rank`` (alpha = rank, so scale 1) into
+    the modules named ``targets`` (the paper: all attention projections, rank 8)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets))
+    try:
+        inject_adapter_in_model(config, unet)
+    except ValueError as err:
+        raise ValueError(f"no LoRA target ({', '.join(targets)}) in {type(unet).__name__}: {err}") from None
+    return unet
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights of ``unet`` under diffusers' key names (``unet.<module>.lora_A.weight``)."""
+    from peft import get_peft_model_state_dict
+
+    return {
+        f"unet.{key}": value.detach().cpu().contiguous()
+        for key, value in get_peft_model_state_dict(unet).items()
+    }
+
+
+def save_lora(unet: torch.nn.Module, folder: str | Path) -> Path:
+    """Write ``folder/pytorch_lora_weights.safetensors``, readable by ``pipe.load_lora_weights``
+    on SD-type pipelines and by :meth:`DigitsPipeline.load_lora_weights`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(lora_state_dict(unet), str(folder / LORA_FILE), metadata={"format": "pt"})
+    return folder / LORA_FILE
+
+
+def load_lora_into(unet: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Inject and load a LoRA saved by :func:`save_lora` into a plain ``unet`` (rank read from
+    the file)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    path = path / LORA_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist")
+    try:
+        weights = load_file(str(path))
+    except Exception as err:
+        raise ValueError(f"{path} is not a safetensors LoRA file: {err}") from None
+    weights = {key.removeprefix("unet."): value for key, value in weights.items()}
+    ranks = {value.shape[0] for key, value in weights.items() if key.endswith("lora_A.weight")}
+    if len(ranks) != 1:
+        raise ValueError(f"{path} holds no LoRA weights of one rank (found ranks {sorted(ranks)})")
+    targets = sorted({key.split(".lora_A")[0].split(".")[-1] for key in weights if "lora_A" in key})
+    targets = tuple("to_out.0" if t == "0" else t for t in targets)
+    add_lora(unet, ranks.pop(), targets)
+    set_peft_model_state_dict(unet, weights)
+    return unet
+
+
+def remove_lora(unet: torch.nn.Module) -> torch.nn.Module:
+    """Take every injected LoRA out of ``unet``, restoring the base layers."""
+    from peft.tuners.lora import LoraModel  # noqa: F401  (makes sure peft's LoRA layers are known)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent_name, _, child = name.rpartition(".")
+            parent = unet.get_submodule(parent_name) if parent_name else unet
+            setattr(parent, child, module.get_base_layer())
+    return unet

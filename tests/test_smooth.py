@@ -97,3 +97,93 @@ def test_plain_attention_allows_double_backward_on_cpu():
     norms.sum().backward()  # would raise with the fused CPU attention
     attention = [p for name, p in unet.named_parameters() if "attentions" in name and name.endswith("weight")]
     assert attention and all(p.grad is not None and p.grad.abs().sum() > 0 for p in attention)
+
+
+def _sd_batches(pipe):
+    embeddings = pipe.encode_prompt(["a cat", "a dog"], "cpu", 1, False)[0]
+
+    def sample(generator):
+        latents = torch.randn(2, 4, 8, 8, generator=generator)
+        return latents, {"encoder_hidden_states": embeddings}
+
+    return sample
+
+
+def test_smooth_lora_on_sd_round_trips_through_load_lora_weights(tmp_path):
+    from tiny_pipelines import tiny_sd
+
+    from diffguide.models.smooth_lora import SmoothLoraConfig, train_smooth_lora
+
+    trainer = tiny_sd()
+    config = SmoothLoraConfig(steps=2, batch_size=2, learning_rate=1e-2, rank=4, checkpoint_every=1)
+    record = train_smooth_lora(trainer.unet, trainer.scheduler, _sd_batches(trainer), tmp_path / "lora",
+                               tmp_path / "run", config, progress=False)  # fmt: skip
+    assert record["steps"] == 2 and record["running_target"] > 0
+
+    def run(pipe):
+        kwargs = {"num_inference_steps": 2, "output_type": "latent", "guidance_scale": 3.0}
+        return pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    fresh = tiny_sd()
+    base = run(fresh)
+    fresh.load_lora_weights(tmp_path / "lora")
+    assert (run(fresh) - base).abs().max() > 1e-4  # the LoRA changes the outputs
+    fresh.unload_lora_weights()
+    torch.testing.assert_close(run(fresh), base)
+
+
+def test_smooth_lora_resumes_exactly_and_loads_into_digits_pipelines(tmp_path, tiny_pipe):
+    from conftest import tiny_digits_unet
+
+    from diffguide.models.smooth_lora import SmoothLoraConfig, digits_batches, train_smooth_lora
+    from diffguide.models.training import DDPMScheduler, default_scheduler_config
+
+    def unet_with_attention():
+        torch.manual_seed(0)
+        from diffusers import UNet2DModel
+
+        return UNet2DModel(
+            sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=4, attention_head_dim=8, num_class_embeds=11,
+        )  # fmt: skip
+
+    config = SmoothLoraConfig(steps=4, batch_size=4, learning_rate=1e-2, rank=2, checkpoint_every=2)
+    scheduler = DDPMScheduler(**default_scheduler_config())
+
+    def small(generator):
+        return torch.randn(4, 1, 8, 8, generator=generator), {"class_labels": torch.tensor([1, 2, 3, 10])}
+
+    train_smooth_lora(
+        unet_with_attention(), scheduler, small, tmp_path / "a", tmp_path / "run_a", config, progress=False
+    )
+    assert train_smooth_lora(unet_with_attention(), scheduler, small, tmp_path / "b", tmp_path / "run_b", config,
+                             progress=False, stop_after_steps=2) is None  # fmt: skip
+    train_smooth_lora(
+        unet_with_attention(), scheduler, small, tmp_path / "b", tmp_path / "run_b", config, progress=False
+    )
+    from safetensors.torch import load_file
+
+    straight, resumed = (
+        load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors")),
+        load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors")),
+    )
+    assert straight.keys() == resumed.keys() and straight
+    for key in straight:
+        torch.testing.assert_close(straight[key], resumed[key], rtol=0, atol=0)
+
+    import diffguide as dg
+
+    pipe = dg.DigitsPipeline(unet=unet_with_attention(), scheduler=tiny_pipe.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": 2, "output_type": "pt"}
+    base = pipe([1, 2], generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(tmp_path / "a")
+    assert (
+        pipe([1, 2], generator=torch.Generator().manual_seed(0), **kwargs).images - base
+    ).abs().max() > 1e-5
+    pipe.unload_lora_weights()
+    assert torch.equal(pipe([1, 2], generator=torch.Generator().manual_seed(0), **kwargs).images, base)
+    with pytest.raises(FileNotFoundError):
+        pipe.load_lora_weights(tmp_path / "missing")
+    assert digits_batches(config) is not None and tiny_digits_unet is not None

@@ -99,6 +99,20 @@ class DigitsPipeline(DiffusionPipeline):
             kwargs["generator"] = generator
         return kwargs
 
+    def load_lora_weights(self, path) -> None:
+        """Load a LoRA written by ``diffguide.smooth.save_lora`` (e.g. a Smooth-LoRA) into the UNet,
+        the counterpart of diffusers' ``load_lora_weights`` on SD-type pipelines."""
+        from ..smooth import load_lora_into
+
+        self.unload_lora_weights()
+        load_lora_into(self.unet, path)
+
+    def unload_lora_weights(self) -> None:
+        """Remove any LoRA from the UNet, restoring the base model exactly."""
+        from ..smooth import remove_lora
+
+        remove_lora(self.unet)
+
     @property
     def guidance_scale(self) -> float:
         """The CFG scale of the current (or last) call."""
