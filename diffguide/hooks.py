@@ -69,6 +69,8 @@ def _select_rows(value: Any, rows: int, index: torch.Tensor) -> Any:
         return value[index.to(value.device)] if value.ndim > 0 and value.shape[0] == rows else value
     if isinstance(value, dict):
         return {key: _select_rows(item, rows, index) for key, item in value.items()}
+    if isinstance(value, list | tuple):  # e.g. IP-Adapter's image_embeds, a list of batch tensors
+        return type(value)(_select_rows(item, rows, index) for item in value)
     return value
 
 
@@ -102,18 +104,36 @@ class GuidanceHook(ModelHook):
 
     def reset_state(self, module: torch.nn.Module | None) -> torch.nn.Module | None:
         self._last_timestep: float | None = None
+        self._timesteps_seen: torch.Tensor | None = None
         self._batch_size: int | None = None
+        self.calls = 0
+        self._offset = 0
         self.step_index = 0
         self.nfe_per_sample = torch.zeros(0, dtype=torch.long)
         return module
 
-    def _start_call_if_new(self, timestep: float, batch_size: int) -> None:
-        if self._last_timestep is None or timestep >= self._last_timestep or batch_size != self._batch_size:
+    def _start_call_if_new(self, scheduler, timestep: float, batch_size: int) -> None:
+        """A new sampling call starts when the scheduler got new timesteps (``set_timesteps``
+        builds a new tensor each call), or, for schedulers without them, when the timestep rises;
+        repeated timesteps (Heun) stay inside the call."""
+        timesteps = getattr(scheduler, "timesteps", None)
+        if isinstance(timesteps, torch.Tensor):
+            new_call = timesteps is not self._timesteps_seen
+        else:
+            new_call = self._last_timestep is None or timestep > self._last_timestep
+        if new_call or batch_size != self._batch_size:
             self.rule.reset()
-            self.step_index = 0
+            self.calls = 0
             self._batch_size = batch_size
             self.nfe_per_sample = torch.zeros(batch_size, dtype=torch.long)
+            # img2img pipelines start part-way down the schedule: find where
+            self._offset = 0
+            if isinstance(timesteps, torch.Tensor):
+                matches = (timesteps.detach().cpu().double() == timestep).nonzero().flatten()
+                self._offset = int(matches[0]) if len(matches) else 0
+        self._timesteps_seen = timesteps if isinstance(timesteps, torch.Tensor) else None
         self._last_timestep = timestep
+        self.step_index = self._offset + self.calls
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         pipe = self._pipe()
@@ -132,10 +152,11 @@ class GuidanceHook(ModelHook):
             )
         guidance_scale = float(getattr(pipe, "_guidance_scale", 1.0))
         cfg_active = getattr(pipe, "do_classifier_free_guidance", guidance_scale > 1)
+        scheduler = pipe.scheduler
         if not cfg_active:
-            self._start_call_if_new(first_t, rows)
+            self._start_call_if_new(scheduler, first_t, rows)
             self.nfe_per_sample += 1
-            self.step_index += 1
+            self.calls += 1
             return original(*args, **kwargs)
         if rows % 2:
             raise RuntimeError(
@@ -143,12 +164,11 @@ class GuidanceHook(ModelHook):
                 "[uncond, cond] batch of one call"
             )
         batch = rows // 2
-        self._start_call_if_new(first_t, batch)
+        self._start_call_if_new(scheduler, first_t, batch)
 
-        scheduler = pipe.scheduler
-        kind = prediction_kind(scheduler)
         timesteps = getattr(scheduler, "timesteps", None)
         try:
+            kind = prediction_kind(scheduler)
             alpha, sigma = alpha_sigma(scheduler, timestep if timestep is not None else 0.0)
         except ValueError as err:
             if self.rule.space == "denoised":
@@ -156,7 +176,8 @@ class GuidanceHook(ModelHook):
                     f"{self.rule!r} works on denoised (x0) predictions, which need one alpha/sigma per "
                     f"timestep ({err}); use the rule with space='model_output'"
                 ) from None
-            alpha = sigma = torch.full((1,), float("nan"), dtype=torch.float64)
+            kind, alpha = None, torch.full((1,), float("nan"), dtype=torch.float64)
+            sigma = alpha
         if alpha.numel() == rows:
             alpha, sigma = alpha[batch:], sigma[batch:]
         alpha, sigma = alpha.expand(batch), sigma.expand(batch)
@@ -175,7 +196,7 @@ class GuidanceHook(ModelHook):
             bound.arguments[name] = _select_rows(bound.arguments[name], rows, index)
         output = original(*bound.args, **bound.kwargs)
         self.nfe_per_sample += 1 + uncond_mask.long()
-        self.step_index += 1
+        self.calls += 1
 
         prediction = _prediction_of(output)
         # learned-variance models output [prediction, variance]; inputs may carry extra
@@ -242,7 +263,7 @@ def stats(pipe) -> dict:
     return {
         "nfe": float(counts.double().mean()) if len(counts) else 0.0,
         "nfe_per_sample": counts.tolist(),
-        "steps": hook.step_index,
+        "steps": hook.calls,
         "rule": hook.rule,
     }
 

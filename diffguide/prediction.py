@@ -3,10 +3,13 @@
 Every supported scheduler describes ``x_t = alpha_t x0 + sigma_t noise`` as the denoiser
 sees it (after ``scale_model_input``):
 
-- variance-preserving schedulers with ``alphas_cumprod`` (DDIM, DDPM, DPM-Solver++, Euler,
-  ...): ``alpha = sqrt(abar_t)``, ``sigma = sqrt(1 - abar_t)``. Non-integer timesteps (Euler
-  with interpolated sigmas) interpolate ``sqrt((1 - abar) / abar)`` linearly in t, as
-  diffusers' Euler does, then ``alpha = 1 / sqrt(1 + s^2)``, ``sigma = s alpha``.
+- schedulers that keep k-diffusion sigmas and a current ``step_index`` (Euler, Heun,
+  DPM-Solver after its first step): the noise-to-signal ratio ``s = sigmas[step_index]``, then
+  ``alpha = 1 / sqrt(1 + s^2)``, ``sigma = s alpha``; exact for continuous timesteps and
+  Karras sigmas alike.
+- other variance-preserving schedulers with ``alphas_cumprod`` (DDIM, DDPM, DPM-Solver's
+  first step): ``alpha = sqrt(abar_t)``, ``sigma = sqrt(1 - abar_t)``; a non-integer t
+  interpolates ``sqrt((1 - abar) / abar)`` linearly, as diffusers' Euler does.
 - flow matching (FlowMatchEuler, SD3): ``x_t = (1 - s) x0 + s noise`` with
   ``s = timestep / num_train_timesteps``.
 
@@ -39,6 +42,13 @@ def alpha_sigma(scheduler, timestep: torch.Tensor | float) -> tuple[torch.Tensor
     if prediction_kind(scheduler) == "flow":
         s = t / scheduler.config.num_train_timesteps
         return 1 - s, s
+    sigmas, index = getattr(scheduler, "sigmas", None), getattr(scheduler, "step_index", None)
+    if isinstance(sigmas, torch.Tensor) and index is not None and index < len(sigmas):
+        # k-diffusion-style schedulers (Euler, Heun, DPM-Solver) know the current step's
+        # noise-to-signal ratio exactly, whatever their timestep convention (continuous, Karras)
+        ratio = sigmas[index].to(torch.float64).cpu().reshape(1).expand(len(t))
+        alpha = 1 / (1 + ratio**2).sqrt()
+        return alpha, ratio * alpha
     alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
     if alphas_cumprod is None:
         raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod; cannot derive alpha/sigma")

@@ -171,3 +171,20 @@ def test_linear_ag_refuses_bad_files_and_settings(tmp_path):
         dg.LinearAG(torch.zeros(4, 1), regressors=("future",))
     with pytest.raises(ValueError, match="schedule"):
         dg.LinearAG(torch.zeros(4, 4), schedule=["cfg"] * 3)
+
+
+def test_apg_diffusers_formulation_matches_diffusers_normalized_guidance():
+    from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+
+    ours = dg.APG(eta=0.3, norm_threshold=2.0, momentum=-0.5, space="model_output", formulation="diffusers")
+    buffer = MomentumBuffer(-0.5)
+    for index in range(3):
+        cond, uncond = (p.float() for p in _predictions(seed=10 + index))
+        expected = normalized_guidance(cond, uncond, 4.0, buffer, eta=0.3, norm_threshold=2.0)
+        torch.testing.assert_close(ours.combine(cond, uncond, _all(), _step(index)), expected)
+
+
+def test_linear_ag_refuses_another_guidance_scale():
+    rule = dg.LinearAG(torch.zeros(10, 4), guidance_scale=3.0)
+    with pytest.raises(ValueError, match="calibrated at guidance_scale=3"):
+        rule.uncond_mask(3, _step(0, scale=5.0))

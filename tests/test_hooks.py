@@ -207,3 +207,44 @@ def test_sd3_skip_layer_guidance_is_refused_not_silently_wrong():
             skip_guidance_layers=[0],
             output_type="latent",
         )
+
+
+def test_repeated_timesteps_of_heun_stay_in_one_call(tiny_pipe):
+    from diffusers import HeunDiscreteScheduler
+
+    tiny_pipe.scheduler = HeunDiscreteScheduler.from_config(tiny_pipe.scheduler.config)
+    with dg.guided(tiny_pipe, dg.AdaptiveGuidance(threshold=-1.0)):
+        tiny_pipe([1, 2], num_inference_steps=4, output_type="pt")
+        stats = dg.stats(tiny_pipe)
+    evaluations = len(tiny_pipe.scheduler.timesteps)  # 2 * 4 - 1: Heun repeats timesteps
+    assert stats["steps"] == evaluations and stats["nfe"] == 2 + (evaluations - 1)
+
+
+def test_img2img_runs_the_steps_of_its_own_schedule():
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline(**tiny_sd().components)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = {"prompt": "a cat", "image": image, "strength": 0.5, "num_inference_steps": 6, "guidance_scale": 5.0,
+              "output_type": "latent"}  # fmt: skip
+    rule = dg.LinearAG.calibrate(pipe, kwargs)
+    assert rule.num_steps == 6 and not rule.coefficients[:3].any()  # steps 0-2 never run at strength 0.5
+    schedule = ["cfg", "cfg", "cfg", "cfg", "estimate", "cond"]
+    with dg.guided(pipe, rule.with_schedule(schedule)):
+        pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+        assert dg.stats(pipe)["nfe"] == 2 + 1 + 1  # steps 3, 4, 5 of the 6-step schedule
+    reference = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    with dg.guided(pipe, dg.APG(eta=1.0, norm_threshold=NO_CAP, momentum=0.0)):
+        assert_matches(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images, reference)
+
+
+def test_list_arguments_are_sliced_like_tensors():
+    from diffguide.hooks import _select_rows
+
+    index = torch.tensor([1, 2, 3])
+    value = {"image_embeds": [torch.arange(4.0), torch.zeros(2)], "scale": 1.0}
+    selected = _select_rows(value, 4, index)
+    assert selected["image_embeds"][0].tolist() == [1.0, 2.0, 3.0] and selected["image_embeds"][1].shape == (
+        2,
+    )

@@ -60,3 +60,15 @@ def test_unknown_prediction_type_is_refused():
     scheduler.register_to_config(prediction_type="mystery")
     with pytest.raises(ValueError, match="unsupported prediction_type"):
         prediction_kind(scheduler)
+
+
+@pytest.mark.parametrize("options", [{"timestep_type": "continuous"}, {"use_karras_sigmas": True}])
+def test_euler_variants_use_the_current_sigma(options):
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", **options)
+    scheduler.set_timesteps(5)
+    sample = torch.zeros(1, 1, 2, 2)
+    for i, t in enumerate(scheduler.timesteps):
+        scheduler.scale_model_input(sample, t)  # the pipeline does this before the denoiser call
+        alpha, sigma = alpha_sigma(scheduler, t)
+        torch.testing.assert_close(sigma / alpha, scheduler.sigmas[i].double().reshape(1))
+        sample = scheduler.step(torch.zeros_like(sample), t, sample).prev_sample

@@ -131,6 +131,11 @@ class LinearAG(GuidanceRule):
                 f"LinearAG was calibrated for {self.num_steps} steps but the pipeline runs {step.num_steps}; "
                 f"calibrate again with num_inference_steps={step.num_steps}"
             )
+        if self.guidance_scale is not None and abs(step.guidance_scale - self.guidance_scale) > 1e-9:
+            raise ValueError(
+                f"LinearAG was calibrated at guidance_scale={self.guidance_scale:g} but the pipeline runs "
+                f"{step.guidance_scale:g}; calibrate again at that scale"
+            )
         return self.schedule[min(step.step_index, self.num_steps - 1)]
 
     def uncond_mask(self, batch_size: int, step: GuidanceStep) -> torch.Tensor:
@@ -172,26 +177,26 @@ class LinearAG(GuidanceRule):
         """
         from ..hooks import guided
 
-        recorder = _TrajectoryRecorder(space)
         calls = [calls] if isinstance(calls, dict) else list(calls)
         if not calls:
             raise ValueError("calibrate needs at least one pipeline call")
+        for key in ("num_inference_steps", "guidance_scale"):
+            if len({call.get(key) for call in calls}) > 1:
+                raise ValueError(f"all calibration calls must use the same {key}")
+        recorder = _TrajectoryRecorder(space)
         with guided(pipe, recorder):
             for kwargs in calls:
                 pipe(**kwargs)
                 recorder.reset()
-        steps = recorder.num_steps
-        coefficients = torch.stack(
-            [
-                fit_coefficients(
+        # steps an img2img pipeline never runs keep zero coefficients (they are never used)
+        coefficients = torch.zeros(recorder.num_steps, len(regressors), dtype=torch.float64)
+        for i in range(recorder.num_steps):
+            if i < len(recorder.samples) and recorder.samples[i]:
+                coefficients[i] = fit_coefficients(
                     torch.cat([regressor_stack(regressors, c, h) for c, h in recorder.samples[i]], dim=1),
-                    torch.cat([u for u in recorder.targets[i]]),
+                    torch.cat(recorder.targets[i]),
                 )
-                for i in range(steps)
-            ]
-        )
-        scales = {call.get("guidance_scale") for call in calls}
-        return cls(coefficients, regressors, schedule, space, scales.pop() if len(scales) == 1 else None)
+        return cls(coefficients, regressors, schedule, space, recorder.guidance_scale)
 
     def save(self, path: str | Path) -> Path:
         """Write coefficients and settings to ``.safetensors`` or ``.json``."""
@@ -254,6 +259,7 @@ class _TrajectoryRecorder(GuidanceRule):
         self.targets: list[list[torch.Tensor]] = []
         self._history: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_steps = 0
+        self.guidance_scale: float | None = None
 
     def reset(self) -> None:
         self._history = []
@@ -269,5 +275,6 @@ class _TrajectoryRecorder(GuidanceRule):
         self.samples[i].append((cond64, list(self._history)))
         self.targets[i].append(uncond64)
         self._history = [*self._history[-1:], (cond64, uncond64)]
-        self.num_steps = max(self.num_steps, i + 1)
+        self.num_steps = max(self.num_steps, step.num_steps or 0, i + 1)
+        self.guidance_scale = step.guidance_scale
         return cfg_combine(cond, uncond, step.guidance_scale)
