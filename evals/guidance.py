@@ -211,9 +211,11 @@ def main() -> None:
         "guidance",
         f"## Guidance rules vs CFG (default model)\n\n`{command.strip()}` ({machine()}). "
         f"{len(labels)} samples per row (seeds {args.seed}..{args.seed + len(labels) - 1}, the same for every "
-        f"row), DDIM {args.steps} steps. Time is wall time relative to the CFG row of the same scale in the "
-        f"same run. Over-range: pixels of the final unclipped sample outside [-1, 1]. Pixels at 0/1 of the "
-        f"real test digits: {real_at_limits:.1%}. Domain FD floor (two halves of the test split): see "
+        f"row), DDIM {args.steps} steps. Time is wall time relative to the CFG row of the same scale; rows "
+        f"run one after another, and other jobs shared the CPU during some of them, so read speed from the "
+        f"interleaved timing table (`guidance_timing`) instead. Over-range: pixels of the final unclipped sample outside [-1, 1]. Pixels at 0/1 of the "
+        f"real test digits: {real_at_limits:.1%} (digits sit at the limits by nature, so this is no "
+        f"saturation score here; over-range is). Domain FD floor (two halves of the test split): see "
         f"`metrics`. NFE against FD: [figures/guidance_pareto.png](figures/guidance_pareto.png).\n\n"
         + markdown_table(header, table_rows),
     )
