@@ -90,8 +90,8 @@ def probe(pipe, n_images: int, batch_size: int) -> None:
         rows.append([f"[{low}, {high})", len(inside), f"{single_t_accuracy[inside].mean():.0%}"])
     write_section(
         "classifier_probe",
-        f"### Diffusion Classifier: which timesteps separate the classes\n\n`python evals/classifier.py --probe` "
-        f"({len(y)} train digits, every class at 50 grid timesteps; {machine()}). Plot: "
+        f"### Diffusion Classifier: which timesteps separate the classes\n\n"
+        f"`python evals/classifier.py {' '.join(sys.argv[1:])}` ({len(y)} train digits, every class at 50 grid timesteps; {machine()}). Plot: "
         f"[figures/classifier_timesteps.png](figures/classifier_timesteps.png).\n\n"
         + markdown_table(
             ["timestep band", "grid timesteps", "one timestep ranks the true class first"], rows
