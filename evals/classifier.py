@@ -16,6 +16,7 @@ of the "fast" schedule's timestep band.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import ROOT, machine, markdown_table, write_result, write_section  # noqa: E402
+from report import RESULTS, ROOT, machine, markdown_table, write_result, write_section  # noqa: E402
 
 import diffguide as dg  # noqa: E402
 from diffguide.classifier import PRESETS, ClassifierSchedule, DiffusionClassifier, timestep_grid  # noqa: E402
@@ -104,7 +105,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--images", type=int, default=1000, help="test images for the judge and 'fast'")
-    parser.add_argument("--paper-images", type=int, default=50, help="test images for the paper's schedule")
+    parser.add_argument(
+        "--paper-images", type=int, default=50, help="test images for the paper's schedule (0: skip)"
+    )
+    parser.add_argument("--ours", default="fast", help="comma-separated presets to run on --images")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--probe", action="store_true", help="the timestep study on train images instead")
     parser.add_argument("--probe-images", type=int, default=50)
@@ -127,12 +131,17 @@ def main() -> None:
     judge_seconds = (time.perf_counter() - started) / len(chosen)
 
     full_nfe = 10 * PRESETS["full"].n_samples[-1]
-    rows = {
-        "fast": run_schedule(pipe, PRESETS["fast"], images[chosen], labels[chosen], args.batch_size),
-        "paper-cifar10": run_schedule(
+    # rows are cached per schedule, so one schedule can be (re)run without the others
+    cache = RESULTS / "classifier_rows.json"
+    rows = json.loads(cache.read_text()) if cache.exists() else {}
+    for name in args.ours.split(","):
+        rows[name] = run_schedule(pipe, PRESETS[name], images[chosen], labels[chosen], args.batch_size)
+        cache.write_text(json.dumps(rows, indent=1))
+    if args.paper_images > 0:
+        rows["paper-cifar10"] = run_schedule(
             pipe, PRESETS["paper-cifar10"], images[paper_chosen], labels[paper_chosen], args.batch_size
-        ),
-    }
+        )
+        cache.write_text(json.dumps(rows, indent=1))
     command = "python evals/classifier.py " + " ".join(sys.argv[1:])
     write_result("classifier", {"command": command, "machine": machine(), "judge_accuracy": judge_accuracy,
                                 "judge_seconds_per_image": judge_seconds, "full_nfe": full_nfe, "rows": rows})  # fmt: skip

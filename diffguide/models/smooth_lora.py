@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..smooth import VariationRegularizer, add_lora, lora_state_dict, save_lora, use_plain_attention
+from .training import read_checkpoint, write_checkpoint
 
 BatchSampler = Callable[[torch.Generator], tuple[torch.Tensor, dict]]
 
@@ -86,12 +87,8 @@ def train_smooth_lora(
     generator = torch.Generator().manual_seed(config.seed)
     step, elapsed, losses = 0, 0.0, []
     checkpoint = run_dir / "checkpoint.pt"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
-        if state["config"] != asdict(config):
-            raise ValueError(
-                f"{checkpoint} was written with another config; use a new --run-dir or the same settings"
-            )
+    state = read_checkpoint(checkpoint, config)
+    if state is not None:
         set_peft_model_state_dict(unet, {k.removeprefix("unet."): v for k, v in state["lora"].items()})
         optimizer.load_state_dict(state["optimizer"])
         regularizer.load_state_dict(state["regularizer"])
@@ -113,8 +110,7 @@ def train_smooth_lora(
             "elapsed": elapsed,
             "losses": losses,
         }
-        torch.save(state, checkpoint.with_suffix(".tmp"))
-        checkpoint.with_suffix(".tmp").replace(checkpoint)
+        write_checkpoint(checkpoint, state)
 
     unet.train()
     bar = tqdm(total=config.steps, initial=step, desc="smooth-lora", disable=not progress)

@@ -84,6 +84,25 @@ def _checkpoint_path(run_dir: Path) -> Path:
     return run_dir / "checkpoint.pt"
 
 
+def read_checkpoint(path: Path, config) -> dict | None:
+    """The state saved at ``path`` (``None`` if there is none); refused when it was written with
+    another config (a dataclass), since resuming it would silently mix two runs."""
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=True)
+    if state["config"] != asdict(config):
+        raise ValueError(
+            f"{path} was written with another config ({state['config']}); use a new --run-dir or the same settings"
+        )
+    return state
+
+
+def write_checkpoint(path: Path, state: dict) -> None:
+    """Save ``state`` to ``path`` through a temporary file, so an interruption never leaves half a file."""
+    torch.save(state, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
 def train_default(
     output_dir: str | Path,
     run_dir: str | Path,
@@ -123,13 +142,8 @@ def train_default(
     step, elapsed, order, cursor = 0, 0.0, torch.randperm(len(data), generator=generator), 0
     losses: list[float] = []
     checkpoint = _checkpoint_path(run_dir)
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
-        if state["config"] != asdict(config):
-            raise ValueError(
-                f"{checkpoint} was written with another config ({state['config']}); "
-                "use a new --run-dir or the same settings"
-            )
+    state = read_checkpoint(checkpoint, config)
+    if state is not None:
         unet.load_state_dict(state["unet"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
@@ -152,8 +166,7 @@ def train_default(
             "cursor": cursor,
             "losses": losses,
         }
-        torch.save(state, checkpoint.with_suffix(".tmp"))
-        checkpoint.with_suffix(".tmp").replace(checkpoint)
+        write_checkpoint(checkpoint, state)
 
     unet.train()
     bar = tqdm(total=config.steps, initial=step, desc="train default", disable=not progress)
