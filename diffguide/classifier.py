@@ -73,8 +73,6 @@ PRESETS: dict[str, ClassifierSchedule] = {
     # default model's train split (t in [600, 950), evals/classifier.py --probe), three
     # elimination stages, and a stop once the paired margin is 3 standard errors
     "fast": ClassifierSchedule((5, 10, 20), (3, 2, 1), t_range=(600, 950), stop_z=3.0),
-    # the same band with twice the timesteps per stage and a stricter stop (up to 170 NFE)
-    "fast-accurate": ClassifierSchedule((10, 20, 40), (3, 2, 1), t_range=(600, 950), stop_z=4.0),
 }
 
 
