@@ -48,7 +48,8 @@ def build_rule(name: str, pipe, guidance_scale: float, num_inference_steps: int)
     if name == "cfg":
         return CFG()
     if name == "apg":
-        return APG(eta=0.0, norm_threshold=float("inf"), momentum=0.0)
+        # the paper's recipe with the cap set for this model's x0 scale (docs/guidance.md)
+        return APG(eta=0.0, norm_threshold=2.0, momentum=-0.5)
     if name == "ag":
         return AdaptiveGuidance(threshold=0.991)
     if name == "linear-ag":
