@@ -184,7 +184,9 @@ def test_per_sample_skipping_gives_the_images_of_each_sample_alone(default_pipe)
             nfe_alone += dg.stats(default_pipe)["nfe_per_sample"]
     assert len(set(nfe_together)) > 1  # the samples really switched at different steps
     assert nfe_together == nfe_alone
-    assert (torch.cat(alone) - together).abs().max() <= 1e-5
+    # float32 convolutions sum in a batch- and thread-dependent order (1.1e-5 seen on 2 threads);
+    # 1e-4 is still 40x below one 8-bit grey level
+    assert (torch.cat(alone) - together).abs().max() <= 1e-4
 
 
 def test_unsupported_pipelines_and_rules_are_refused(tiny_pipe):
