@@ -209,7 +209,9 @@ def main() -> None:
     pareto_plot(rows, figure)
     write_section(
         "guidance",
-        f"## Guidance rules vs CFG (default model)\n\n`{command.strip()}` ({machine()}). "
+        f"## Guidance rules vs CFG (default model)\n\n`python evals/guidance.py` regenerates every row; rows are "
+        f"cached in evals/results/guidance_rows.json, and this table was last written by `{command.strip()}` "
+        f"({machine()}). "
         f"{len(labels)} samples per row (seeds {args.seed}..{args.seed + len(labels) - 1}, the same for every "
         f"row), DDIM {args.steps} steps. Time is wall time relative to the CFG row of the same scale; rows "
         f"run one after another, and other jobs shared the CPU during some of them, so read speed from the "
