@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .guidance.base import per_sample
+
 KINDS = ("epsilon", "v_prediction", "sample", "flow")
 
 
@@ -66,15 +68,11 @@ def alpha_sigma(scheduler, timestep: torch.Tensor | float) -> tuple[torch.Tensor
     return alpha, sigma
 
 
-def _b(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like)
-
-
 def to_denoised(
     output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, kind: str
 ) -> torch.Tensor:
     """x0 from the model ``output`` at ``x_t = sample``."""
-    a, s = _b(alpha, output), _b(sigma, output)
+    a, s = per_sample(alpha, output), per_sample(sigma, output)
     if kind == "epsilon":
         return (sample - s * output) / a
     if kind == "v_prediction":
@@ -90,7 +88,7 @@ def from_denoised(
     denoised: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, kind: str
 ) -> torch.Tensor:
     """The model output that corresponds to ``denoised`` at ``x_t = sample``."""
-    a, s = _b(alpha, denoised), _b(sigma, denoised)
+    a, s = per_sample(alpha, denoised), per_sample(sigma, denoised)
     if kind == "epsilon":
         return (sample - a * denoised) / s
     if kind == "v_prediction":

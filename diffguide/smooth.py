@@ -25,23 +25,19 @@ from pathlib import Path
 
 import torch
 
+from .guidance.base import per_sample
+from .prediction import to_denoised
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-def _b(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like)
 
 
 def predicted_x0(
     output: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, prediction_type: str = "epsilon"
 ) -> torch.Tensor:
     """The clean image a model output implies at ``x_t`` with signal level ``abar`` (B,)."""
-    a, s = _b(abar, x_t).sqrt(), _b(1 - abar, x_t).sqrt()
-    if prediction_type == "epsilon":
-        return (x_t - s * output) / a
-    if prediction_type == "v_prediction":
-        return a * x_t - s * output
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return to_denoised(output, x_t, abar.sqrt(), (1 - abar).sqrt(), prediction_type)
 
 
 def variation_norms(
@@ -60,11 +56,11 @@ def variation_norms(
     """
     abar = alphas_cumprod.to(x0.device)[timesteps].to(x0.dtype)
     noise = noise.detach().requires_grad_(True)
-    x_t = _b(abar, x0).sqrt() * x0 + _b(1 - abar, x0).sqrt() * noise
+    x_t = per_sample(abar, x0).sqrt() * x0 + per_sample(1 - abar, x0).sqrt() * noise
     x0_hat = predicted_x0(denoise(x_t, timesteps), x_t, abar, prediction_type)
     elements = x0[0].numel()
     probe = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-    probe = probe / elements**0.5 * _b(1 - abar, x0).sqrt()
+    probe = probe / elements**0.5 * per_sample(1 - abar, x0).sqrt()
     (gradient,) = torch.autograd.grad((x0_hat * probe).sum(), noise, create_graph=True)
     return gradient.flatten(1).norm(dim=1)
 
