@@ -329,6 +329,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config = SmoothLoraConfig(
             steps=args.steps or base.steps, batch_size=args.batch_size or base.batch_size, learning_rate=args.lr,
             rank=args.rank, weight=args.weight, seed=args.seed,
+            min_alpha_bar=base.min_alpha_bar if args.min_alpha_bar is None else args.min_alpha_bar,
         )  # fmt: skip
         scheduler = DDPMScheduler(
             **default_scheduler_config()
@@ -448,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight", type=float, default=1.0, help="smooth-lora: lambda (0 = control run)")
     train.add_argument("--rank", type=int, default=8, help="smooth-lora: LoRA rank")
     train.add_argument("--lr", type=float, default=1e-4, help="smooth-lora: learning rate")
+    train.add_argument(
+        "--min-alpha-bar", type=float, default=None,
+        help="smooth-lora: penalty only where alpha_bar >= this (default SD 1.5's last, 0.0047; 0 = all)",
+    )  # fmt: skip
     train.add_argument("--out", default=None, help="output folder (default: inside the package)")
     train.add_argument("--run-dir", default=None, help="resumable checkpoint folder (default: runs/<what>)")
     train.add_argument(

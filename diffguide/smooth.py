@@ -13,6 +13,13 @@ state), and add ``lambda * mean((v - a)^2)`` to the denoising loss (lambda = 1 i
 ``g = J^T n`` with ``J = d x0_hat / d eps``: the penalty asks a small step of the input noise to
 move the output image by a steady amount, which is what makes interpolations smooth.
 
+``min_alpha_bar`` (ours) leaves out of the penalty the timesteps whose ``abar`` is below it. An
+epsilon model's ``x0_hat`` divides by ``sqrt(abar)``, so ``v`` grows without bound as ``abar -> 0``:
+on the digits model's cosine schedule (``abar(999) = 2.4e-9``) ``v`` is 0.5 at t = 950, 6 at
+t = 995 and 800 at t = 999, and those few timesteps then make the whole penalty. SD 1.5's
+schedule, the paper's, ends at ``abar = 0.0047`` (``SD15_MIN_ALPHA_BAR``); the digits trainer
+uses that floor so the penalty sees the signal levels the paper's did.
+
 The gradient w.r.t. ``eps`` needs a second backward through the network
 (``create_graph=True``); torch's fused CPU attention has no double backward, so
 :func:`use_plain_attention` switches a model's attention to diffusers' ``AttnProcessor``.
@@ -29,6 +36,9 @@ from .guidance.base import per_sample
 from .prediction import to_denoised
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+#: alpha_bar at SD 1.5's last training timestep (scaled-linear betas 0.00085..0.012, T = 1000)
+SD15_MIN_ALPHA_BAR = 0.0047
 
 
 def predicted_x0(
@@ -69,14 +79,19 @@ class VariationRegularizer:
     """The regularizer with its running target ``a``: a loss term for any training loop.
 
     ``loss(...)`` returns ``weight * mean((v - a)^2)`` and then moves ``a`` towards ``mean(v)``
-    by ``decay``; ``state_dict`` / ``load_state_dict`` carry ``a`` through checkpoints.
+    by ``decay``; ``state_dict`` / ``load_state_dict`` carry ``a`` through checkpoints. Samples
+    whose ``abar`` is below ``min_alpha_bar`` are left out (0, the paper: none are).
     """
 
-    def __init__(self, weight: float = 1.0, decay: float = 0.01):
-        if weight < 0 or not 0 < decay <= 1:
-            raise ValueError(f"need weight >= 0 and 0 < decay <= 1, got weight={weight}, decay={decay}")
+    def __init__(self, weight: float = 1.0, decay: float = 0.01, min_alpha_bar: float = 0.0):
+        if weight < 0 or not 0 < decay <= 1 or not 0 <= min_alpha_bar < 1:
+            raise ValueError(
+                "need weight >= 0, 0 < decay <= 1 and 0 <= min_alpha_bar < 1, got "
+                f"weight={weight}, decay={decay}, min_alpha_bar={min_alpha_bar}"
+            )
         self.weight = weight
         self.decay = decay
+        self.min_alpha_bar = min_alpha_bar
         self.target = 0.0
 
     def update_target(self, norms: torch.Tensor) -> float:
@@ -97,18 +112,28 @@ class VariationRegularizer:
         """The weighted penalty for this batch (0 without any network call when weight is 0)."""
         if self.weight == 0:
             return torch.zeros((), device=x0.device)
+        kept = alphas_cumprod.to(timesteps.device)[timesteps] >= self.min_alpha_bar
+        if not kept.any():
+            return torch.zeros((), device=x0.device)
         norms = variation_norms(denoise, x0, noise, timesteps, alphas_cumprod, prediction_type, generator)
+        norms = norms[kept]  # the rest are computed (the conditioning is not ours to slice) but unused
         penalty = ((norms - self.target) ** 2).mean()  # against a from before this step, as in the paper
         self.update_target(norms)
         return self.weight * penalty
 
     def state_dict(self) -> dict:
-        return {"target": self.target, "weight": self.weight, "decay": self.decay}
+        return {
+            "target": self.target,
+            "weight": self.weight,
+            "decay": self.decay,
+            "min_alpha_bar": self.min_alpha_bar,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.target = float(state["target"])
         self.weight = float(state.get("weight", self.weight))
         self.decay = float(state.get("decay", self.decay))
+        self.min_alpha_bar = float(state.get("min_alpha_bar", self.min_alpha_bar))
 
 
 def use_plain_attention(model: torch.nn.Module) -> int:

@@ -64,6 +64,21 @@ def test_penalty_is_measured_against_the_target_before_the_update():
     assert regularizer.target == pytest.approx(0.01 * float(norms.mean()))
 
 
+def test_min_alpha_bar_leaves_low_signal_timesteps_out_of_penalty_and_target():
+    _, denoise, x0, noise, abar, t = _linear_setup()  # abar at t = 10, 500, 900: 0.989, 0.504, 0.109
+    regularizer = VariationRegularizer(weight=1.0, min_alpha_bar=0.3)
+    norms = variation_norms(denoise, x0, noise, t, abar, generator=torch.Generator().manual_seed(0))
+    penalty = regularizer.loss(denoise, x0, noise, t, abar, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(penalty, (norms[:2] ** 2).mean())
+    assert regularizer.target == pytest.approx(0.01 * float(norms[:2].mean()))
+    assert float(VariationRegularizer(min_alpha_bar=0.999).loss(denoise, x0, noise, t, abar)) == 0.0
+    restored = VariationRegularizer()
+    restored.load_state_dict(regularizer.state_dict())
+    assert restored.min_alpha_bar == 0.3
+    with pytest.raises(ValueError, match="min_alpha_bar"):
+        VariationRegularizer(min_alpha_bar=1.0)
+
+
 def test_lambda_zero_adds_nothing_and_calls_no_network():
     calls = []
     regularizer = VariationRegularizer(weight=0.0)

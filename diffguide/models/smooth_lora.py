@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..smooth import VariationRegularizer, add_lora, lora_state_dict, save_lora, use_plain_attention
+from ..smooth import (
+    SD15_MIN_ALPHA_BAR,
+    VariationRegularizer,
+    add_lora,
+    lora_state_dict,
+    save_lora,
+    use_plain_attention,
+)
 from .training import read_checkpoint, write_checkpoint
 
 BatchSampler = Callable[[torch.Generator], tuple[torch.Tensor, dict]]
@@ -28,13 +35,17 @@ BatchSampler = Callable[[torch.Generator], tuple[torch.Tensor, dict]]
 
 @dataclass
 class SmoothLoraConfig:
-    """Hyper-parameters of a Smooth-LoRA run (``weight=0`` is the control run)."""
+    """Hyper-parameters of a Smooth-LoRA run (``weight=0`` is the control run).
+
+    ``min_alpha_bar``: the penalty skips timesteps with less signal than SD 1.5's last one
+    (no-op on SD's own schedule; see :mod:`diffguide.smooth`)."""
 
     steps: int = 1000
     batch_size: int = 64
     learning_rate: float = 1e-4
     rank: int = 8
     weight: float = 1.0
+    min_alpha_bar: float = SD15_MIN_ALPHA_BAR
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint_every: int = 100
@@ -83,7 +94,7 @@ def train_smooth_lora(
     add_lora(unet, config.rank)
     parameters = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
-    regularizer = VariationRegularizer(weight=config.weight)
+    regularizer = VariationRegularizer(weight=config.weight, min_alpha_bar=config.min_alpha_bar)
     generator = torch.Generator().manual_seed(config.seed)
     step, elapsed, losses = 0, 0.0, []
     checkpoint = run_dir / "checkpoint.pt"
