@@ -25,5 +25,9 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
+# The browser demo on http://127.0.0.1:7860 (the dev extra includes Gradio).
+app: setup
+	$(BIN)/diffguide app
+
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

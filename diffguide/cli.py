@@ -317,6 +317,20 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_app(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UsageError("the demo needs Gradio: pip install 'diffguide[app]'") from None
+    from .app import ModelRegistry, launch
+
+    for folder in args.model:
+        if not Path(folder).is_dir():
+            raise UsageError(f"--model {folder}: not a folder (a pipeline saved with save_pretrained)")
+    launch(ModelRegistry(args.model), host=args.host, port=args.port)
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     if args.what == "smooth-lora":
         from diffusers import DDPMScheduler
@@ -413,6 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
     interpolate.add_argument("--seed", type=int, default=0)
     interpolate.add_argument("--out", default="strip.png")
     interpolate.set_defaults(func=_cmd_interpolate)
+
+    app = sub.add_parser("app", help="the browser demo (Gradio; pip install 'diffguide[app]')")
+    app.add_argument(
+        "--model", action="append", default=[], metavar="FOLDER",
+        help="also offer this saved pipeline folder (DigitsPipeline or diffusers text-to-image); repeatable",
+    )  # fmt: skip
+    app.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    app.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free)")
+    app.set_defaults(func=_cmd_app)
 
     evaluate = sub.add_parser("eval", help="distribution metrics: FD, KID, FD-infinity, ISTD")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)

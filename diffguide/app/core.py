@@ -1,0 +1,391 @@
+"""What the demo does, without Gradio: models, sampling, comparison, interpolation, classification.
+
+Every function here is plain Python over the package's public API, so the tests call them
+directly and the Gradio layer (:mod:`diffguide.app.ui`) only lays them out. Bad input raises
+:class:`AppError`, whose message the page shows as it is.
+
+Concurrency: guidance hooks keep per-call state on the pipeline they are attached to, so each
+model has one lock and its requests queue on it (one sampling call per model at a time);
+requests for different models run side by side.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from ..compare import build_rule
+from ..guidance import APG, AdaptiveGuidance, GuidanceRule
+from ..hooks import guided, stats
+from ..images import labelled_grid, to_pil
+
+DEFAULT_MODEL = "default"
+METHOD_NAMES = ("cfg", "apg", "ag", "linear-ag")
+STEPS_RANGE = (1, 200)
+SCALE_RANGE = (1.0, 30.0)
+SEED_RANGE = (0, 2**31 - 1)
+#: the Smooth-LoRA shipped with the default model (``diffguide train smooth-lora``)
+SHIPPED_SMOOTH_LORA = "smooth_lora"
+
+
+class AppError(ValueError):
+    """Bad input from the page: the message names the problem and what to do instead."""
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline and the lock its requests queue on."""
+
+    name: str
+    pipe: object
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def is_digits(self) -> bool:
+        from ..models import DigitsPipeline
+
+        return isinstance(self.pipe, DigitsPipeline)
+
+
+class ModelRegistry:
+    """The models a running app may use: the embedded default plus the folders named when the
+    app was started (``diffguide app --model PATH``). Pages pick by name, never by path."""
+
+    def __init__(self, folders: Sequence[str | Path] = ()):
+        self.folders: dict[str, Path] = {}
+        for folder in folders:
+            path = Path(folder)
+            name = path.name or str(path)
+            if name == DEFAULT_MODEL or name in self.folders:
+                name = str(path)
+            self.folders[name] = path
+        self._loaded: dict[str, LoadedModel] = {}
+        self._loading = threading.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        return [DEFAULT_MODEL, *self.folders]
+
+    def get(self, name: str) -> LoadedModel:
+        """The loaded model called ``name`` (loaded on first use); AppError if it cannot load."""
+        with self._loading:
+            if name not in self._loaded:
+                self._loaded[name] = LoadedModel(name, self._load(name))
+            return self._loaded[name]
+
+    def get_with_lora(self, lora: str | Path) -> LoadedModel:
+        """The default model with the LoRA at ``lora`` loaded (a copy of its own, loaded once)."""
+        key = f"{DEFAULT_MODEL}+{Path(lora).resolve()}"
+        with self._loading:
+            if key not in self._loaded:
+                from ..models import load_default_pipeline
+
+                pipe = load_default_pipeline()
+                try:
+                    pipe.load_lora_weights(lora)
+                except (FileNotFoundError, ValueError) as err:
+                    raise AppError(f"the Smooth-LoRA at {lora} failed to load: {err}") from None
+                self._loaded[key] = LoadedModel(key, pipe)
+            return self._loaded[key]
+
+    def _load(self, name: str):
+        if name == DEFAULT_MODEL:
+            from ..models import load_default_pipeline
+
+            return load_default_pipeline()
+        if name not in self.folders:
+            raise AppError(f"unknown model {name!r}; this app was started with: {', '.join(self.names)}")
+        folder = self.folders[name]
+        try:
+            pipe = _load_folder(folder)
+        except Exception as err:  # any failure of a user's folder is reported, not raised
+            raise AppError(f"the model folder {folder} failed to load: {err}") from None
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def _load_folder(folder: Path):
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    from ..models import DigitsPipeline
+
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"no model_index.json in {folder} (save it with pipe.save_pretrained)")
+    if json.loads(index.read_text()).get("_class_name") == "DigitsPipeline":
+        return DigitsPipeline.from_pretrained(folder)
+    return DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+
+
+def check_settings(steps: int, guidance_scale: float, seed: int) -> tuple[int, float, int]:
+    """Steps, scale and seed as numbers in range, or an AppError naming the allowed range."""
+    try:
+        steps, guidance_scale, seed = int(steps), float(guidance_scale), int(seed)
+    except (TypeError, ValueError):
+        raise AppError(
+            f"steps, scale and seed must be numbers, got {steps!r}, {guidance_scale!r}, {seed!r}"
+        ) from None
+    if not STEPS_RANGE[0] <= steps <= STEPS_RANGE[1]:
+        raise AppError(f"steps must be between {STEPS_RANGE[0]} and {STEPS_RANGE[1]}, got {steps}")
+    if not SCALE_RANGE[0] <= guidance_scale <= SCALE_RANGE[1]:
+        raise AppError(
+            f"the guidance scale must be between {SCALE_RANGE[0]} and {SCALE_RANGE[1]}, got {guidance_scale}"
+        )
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise AppError(f"the seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, got {seed}")
+    return steps, guidance_scale, seed
+
+
+def parse_condition(model: LoadedModel, condition: str | int) -> int | str:
+    """A digit class for digits models, a prompt for text pipelines."""
+    if model.is_digits:
+        try:
+            label = int(str(condition).strip())
+        except ValueError:
+            label = -1
+        if not 0 <= label < model.pipe.num_classes:
+            raise AppError(
+                f"the digits model takes a class from 0 to {model.pipe.num_classes - 1}, got {condition!r}"
+            )
+        return label
+    prompt = str(condition).strip()
+    if not prompt:
+        raise AppError("type a prompt for this model")
+    return prompt
+
+
+def make_method(
+    name: str, model: LoadedModel, guidance_scale: float, steps: int, params: dict | None = None
+) -> GuidanceRule:
+    """The rule ``name`` with the project's defaults, overridden by the page's ``params``
+    (APG: ``eta``, ``norm_threshold`` with 0 for no cap, ``momentum``; AG: ``threshold``)."""
+    params = {k: v for k, v in (params or {}).items() if v is not None}
+    if name not in METHOD_NAMES:
+        raise AppError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
+    if name == "linear-ag" and not model.is_digits:
+        raise AppError(
+            "LinearAG needs coefficients calibrated on this model; in the demo it runs on digits models only"
+        )
+    try:
+        if name == "apg" and params:
+            base = build_rule("apg", model.pipe, guidance_scale, steps)
+            cap = float(params.get("norm_threshold", base.norm_threshold))
+            return APG(
+                eta=float(params.get("eta", base.eta)),
+                norm_threshold=cap if cap > 0 else float("inf"),  # the page's slider: 0 = no cap
+                momentum=float(params.get("momentum", base.momentum)),
+            )
+        if name == "ag" and params:
+            return AdaptiveGuidance(threshold=float(params.get("threshold", 0.991)))
+        return build_rule(name, model.pipe, guidance_scale, steps)
+    except ValueError as err:
+        raise AppError(f"{name}: {err}") from None
+
+
+@dataclass
+class Sample:
+    """One generated image with its cost."""
+
+    method: str
+    image: PIL.Image.Image
+    nfe: float
+    seconds: float
+
+    @property
+    def caption(self) -> str:
+        return f"{self.method} · {self.nfe:g} NFE · {self.seconds:.2f} s"
+
+
+def _sample(
+    model: LoadedModel, condition, rule: GuidanceRule, name: str, scale: float, steps: int, seed: int
+) -> Sample:
+    generator = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    with model.lock, torch.no_grad(), guided(model.pipe, rule):
+        if model.is_digits:
+            output = model.pipe(
+                class_labels=[condition], guidance_scale=scale, num_inference_steps=steps, generator=generator
+            )
+        else:
+            output = model.pipe(
+                condition, guidance_scale=scale, num_inference_steps=steps, generator=generator
+            )
+        nfe = stats(model.pipe)["nfe"]
+    seconds = time.perf_counter() - started
+    image = output.images[0]
+    if model.is_digits:  # 28 x 28 is too small to see in a page
+        image = image.resize((image.width * 8, image.height * 8), PIL.Image.NEAREST)
+    return Sample(name, image, nfe, seconds)
+
+
+def generate(
+    registry: ModelRegistry,
+    model_name: str,
+    condition: str | int,
+    method: str,
+    guidance_scale: float,
+    steps: int,
+    seed: int,
+    params: dict | None = None,
+) -> Sample:
+    """One image from ``model_name`` under ``method``."""
+    steps, guidance_scale, seed = check_settings(steps, guidance_scale, seed)
+    model = registry.get(model_name)
+    condition = parse_condition(model, condition)
+    rule = make_method(method, model, guidance_scale, steps, params)
+    return _sample(model, condition, rule, method, guidance_scale, steps, seed)
+
+
+def compare(
+    registry: ModelRegistry,
+    model_name: str,
+    condition: str | int,
+    methods: Sequence[str],
+    guidance_scale: float,
+    steps: int,
+    seed: int,
+) -> list[Sample]:
+    """Every method in ``methods`` on the same seed, in order."""
+    if not methods:
+        raise AppError("pick at least one method to compare")
+    steps, guidance_scale, seed = check_settings(steps, guidance_scale, seed)
+    model = registry.get(model_name)
+    condition = parse_condition(model, condition)
+    rules = {name: make_method(name, model, guidance_scale, steps) for name in methods}
+    return [
+        _sample(model, condition, rule, name, guidance_scale, steps, seed) for name, rule in rules.items()
+    ]
+
+
+def shipped_smooth_lora() -> Path | None:
+    """The Smooth-LoRA folder shipped with the default model, if this install has one."""
+    from ..models import DEFAULT_MODEL_DIR
+
+    folder = Path(DEFAULT_MODEL_DIR) / SHIPPED_SMOOTH_LORA
+    return folder if (folder / "pytorch_lora_weights.safetensors").is_file() else None
+
+
+@dataclass
+class Strip:
+    """An interpolation strip and its ISTD."""
+
+    image: PIL.Image.Image
+    istd: float
+
+
+def interpolate(
+    registry: ModelRegistry,
+    label: int | str,
+    guidance_scale: float,
+    steps: int,
+    seed: int,
+    lora: str | Path | None = None,
+) -> tuple[Strip, Strip]:
+    """Slerp strips of the default model without and with the Smooth-LoRA (same noises)."""
+    from ..metrics import interpolation_istd
+
+    steps, guidance_scale, seed = check_settings(steps, guidance_scale, seed)
+    base = registry.get(DEFAULT_MODEL)
+    label = parse_condition(base, label)
+    lora = lora or shipped_smooth_lora()
+    if lora is None:
+        raise AppError(
+            "no Smooth-LoRA is installed with the default model; train one with `diffguide train smooth-lora`"
+        )
+    strips = []
+    for model in (base, registry.get_with_lora(lora)):
+        with model.lock, torch.no_grad():
+            mean, _, images = interpolation_istd(
+                model.pipe, [label], seed=seed, guidance_scale=guidance_scale, num_inference_steps=steps
+            )
+        strips.append(Strip(labelled_grid(images[0], [str(label)], zoom=3), mean))
+    return strips[0], strips[1]
+
+
+def sketch_to_digit(image: np.ndarray | PIL.Image.Image | dict | None, size: int = 28) -> torch.Tensor:
+    """A drawn or uploaded digit as the models see digits: (1, 1, 28, 28) in [0, 1], white on
+    black, the ink's bounding box scaled to 20 pixels and centred (MNIST's convention).
+
+    Accepts Gradio's sketchpad value (a dict with ``composite``), an array or a PIL image; a
+    transparent background counts as paper, and dark ink on light paper is inverted.
+    """
+    if isinstance(image, dict):
+        image = image.get("composite")
+    if image is None:
+        raise AppError("the sketch is empty: draw a digit (or upload an image) first")
+    pixels = np.asarray(
+        image.convert("RGBA") if isinstance(image, PIL.Image.Image) else image, dtype=np.float64
+    )
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if pixels.shape[-1] in (2, 4):
+        alpha = pixels[..., -1] / 255.0
+        pixels = pixels[..., :-1]
+    else:
+        alpha = np.ones(pixels.shape[:2])
+    on_white = pixels.mean(-1) / 255.0 * alpha + (1 - alpha)  # transparent paper reads as white
+    border = np.concatenate([on_white[0], on_white[-1], on_white[:, 0], on_white[:, -1]])
+    ink = 1 - on_white if np.median(border) > 0.5 else on_white
+    if ink.max() < 0.1:
+        raise AppError("the sketch is empty: draw a digit (or upload an image) first")
+    rows, cols = np.nonzero(ink > 0.1 * ink.max())
+    ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    inner = size * 20 // 28
+    scale = inner / max(ink.shape)
+    height, width = max(1, round(ink.shape[0] * scale)), max(1, round(ink.shape[1] * scale))
+    small = PIL.Image.fromarray((ink * 255).astype(np.uint8)).resize((width, height), PIL.Image.LANCZOS)
+    canvas = np.zeros((size, size), dtype=np.float64)
+    top, left = (size - height) // 2, (size - width) // 2
+    canvas[top : top + height, left : left + width] = np.asarray(small, dtype=np.float64) / 255.0
+    return torch.from_numpy(canvas).float()[None, None]
+
+
+@dataclass
+class Classification:
+    """The Diffusion Classifier's per-class errors next to the judge's probabilities."""
+
+    digit: torch.Tensor
+    prediction: int
+    errors: dict[str, float]
+    judge_probabilities: dict[str, float]
+    nfe: int
+
+
+def classify(
+    registry: ModelRegistry, image, model_name: str = DEFAULT_MODEL, schedule: str = "fast"
+) -> Classification:
+    """Classify a sketch with the Diffusion Classifier of a digits model and with the judge."""
+    from ..classifier import PRESETS, DiffusionClassifier
+    from ..models import load_judge
+
+    if schedule not in PRESETS:
+        raise AppError(f"unknown schedule {schedule!r}; choose from {', '.join(PRESETS)}")
+    digit = sketch_to_digit(image)
+    model = registry.get(model_name)
+    if not model.is_digits:
+        raise AppError(f"{model_name} is a text-to-image model; the classify tab takes a digits model")
+    with model.lock, torch.no_grad():
+        result = DiffusionClassifier(model.pipe, schedule=schedule).classify(digit)
+        probabilities = torch.softmax(load_judge()(digit), dim=1)[0]
+    errors = result.errors[0]
+    return Classification(
+        digit=digit,
+        prediction=int(result.labels[0]),
+        errors={str(c): float(e) for c, e in enumerate(errors) if torch.isfinite(e)},
+        judge_probabilities={str(c): float(p) for c, p in enumerate(probabilities)},
+        nfe=int(result.nfe[0]),
+    )
+
+
+def digit_preview(digit: torch.Tensor) -> PIL.Image.Image:
+    """What the classifier saw, enlarged."""
+    return to_pil(digit[0]).resize((28 * 6, 28 * 6), PIL.Image.NEAREST)
