@@ -2,7 +2,7 @@
 
 from . import metrics
 from .classifier import ClassifierSchedule, DiffusionClassifier
-from .guidance import APG, CFG, AdaptiveGuidance, GuidanceRule, LinearAG, make_rule
+from .guidance import APG, CFG, AdaptiveGuidance, GuidanceInterval, GuidanceRule, LinearAG, make_rule
 from .hooks import apply, guided, remove, stats
 from .models import DigitsPipeline, load_default_pipeline, load_digits, load_judge
 from .schedulers import ShortestPathScheduler
@@ -14,6 +14,7 @@ __all__ = [
     "DiffusionClassifier",
     "AdaptiveGuidance",
     "DigitsPipeline",
+    "GuidanceInterval",
     "GuidanceRule",
     "LinearAG",
     "apply",

@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from .generation import generate_samples
-from .guidance import APG, CFG, METHODS, AdaptiveGuidance, GuidanceRule, LinearAG
+from .guidance import APG, CFG, AdaptiveGuidance, GuidanceRule, LinearAG
 
+#: the rules with defaults chosen for the digits model (``build_rule``)
+METHODS = ("cfg", "apg", "ag", "linear-ag")
 #: LinearAG coefficients shipped with the default model, keyed by (guidance scale, steps)
 SHIPPED_LINEAR_AG = {(3.0, 20): "linear_ag_w3_20steps.safetensors"}
 CALIBRATION_SEED = 100_000

@@ -188,3 +188,18 @@ def test_linear_ag_refuses_another_guidance_scale():
     rule = dg.LinearAG(torch.zeros(10, 4), guidance_scale=3.0)
     with pytest.raises(ValueError, match="calibrated at guidance_scale=3"):
         rule.uncond_mask(3, _step(0, scale=5.0))
+
+
+def test_interval_guides_only_noise_levels_inside_it():
+    torch.manual_seed(0)
+    cond, uncond = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    alpha = torch.tensor([0.9, 0.6, 0.2])  # sigma / alpha = 0.48, 1.33, 4.9
+    step = GuidanceStep(0, 10, 500.0, 4.0, alpha, (1 - alpha**2).sqrt())
+    rule = dg.GuidanceInterval(sigma_lo=0.5, sigma_hi=4.9)  # (0.5, 4.9]: the last two
+    mask = rule.uncond_mask(3, step)
+    assert mask.tolist() == [False, True, True]
+    guided = rule.combine(cond, torch.where(mask[:, None, None, None], uncond, cond), mask, step)
+    torch.testing.assert_close(guided[0], cond[0])
+    torch.testing.assert_close(guided[1:], cfg_combine(cond[1:], uncond[1:], 4.0))
+    with pytest.raises(ValueError, match="sigma_lo < sigma_hi"):
+        dg.GuidanceInterval(sigma_lo=2.0, sigma_hi=1.0)

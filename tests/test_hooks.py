@@ -1,5 +1,7 @@
 """Rules attached to real diffusers pipelines: identities with CFG, exact NFE, clean removal."""
 
+import math
+
 import pytest
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
@@ -98,6 +100,20 @@ def test_ag_with_threshold_above_one_equals_cfg(case):
     with dg.guided(case.pipe, dg.AdaptiveGuidance(threshold=1.01)):
         assert_matches(case(), reference)
         assert dg.stats(case.pipe)["nfe"] == 8
+
+
+def test_interval_covering_every_step_equals_cfg(case):
+    reference = case()
+    with dg.guided(case.pipe, dg.GuidanceInterval(sigma_lo=0.0, sigma_hi=math.inf)):
+        assert_matches(case(), reference)
+        assert dg.stats(case.pipe)["nfe"] == 8
+
+
+def test_empty_interval_skips_every_unconditional_evaluation(case):
+    reference = case(guidance_scale=1.0)  # the conditional prediction alone
+    with dg.guided(case.pipe, dg.GuidanceInterval(sigma_lo=1e8, sigma_hi=1e9)):
+        assert_matches(case(), reference)
+        assert dg.stats(case.pipe)["nfe"] == 4
 
 
 def test_nfe_counts_are_exact(case):

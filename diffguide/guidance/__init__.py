@@ -4,6 +4,7 @@ from .adaptive import AdaptiveGuidance
 from .apg import APG
 from .base import GuidanceRule, GuidanceStep
 from .cfg import CFG
+from .interval import GuidanceInterval
 from .linear_ag import LinearAG
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "CFG",
     "METHODS",
     "AdaptiveGuidance",
+    "GuidanceInterval",
     "GuidanceRule",
     "GuidanceStep",
     "LinearAG",
@@ -18,7 +20,7 @@ __all__ = [
 ]
 
 #: method names accepted by :func:`make_rule`, the CLI and the drop-in pipelines
-METHODS = ("cfg", "apg", "ag", "linear-ag")
+METHODS = ("cfg", "apg", "ag", "linear-ag", "interval")
 
 
 def make_rule(name: str, **params) -> GuidanceRule:
@@ -33,7 +35,7 @@ def make_rule(name: str, **params) -> GuidanceRule:
                 "then pass coefficients=path"
             )
         return LinearAG.load(path, **params)
-    classes = {"cfg": CFG, "apg": APG, "ag": AdaptiveGuidance}
+    classes = {"cfg": CFG, "apg": APG, "ag": AdaptiveGuidance, "interval": GuidanceInterval}
     if name not in classes:
         raise ValueError(f"unknown guidance method {name!r}; choose from {', '.join(METHODS)}")
     try:
