@@ -317,6 +317,15 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_comfy(args: argparse.Namespace) -> int:
+    from .comfy.export import export_comfy
+
+    written = export_comfy(args.folder, overwrite=args.overwrite)
+    print(f"wrote {', '.join(p.name for p in written)} to {Path(args.folder).resolve()}")
+    print("ComfyUI loads it from custom_nodes/ once diffguide is installed in ComfyUI's Python")
+    return 0
+
+
 def _cmd_app(args: argparse.Namespace) -> int:
     try:
         import gradio  # noqa: F401
@@ -436,6 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     app.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free)")
     app.set_defaults(func=_cmd_app)
+
+    comfy = sub.add_parser("export-comfy", help="write a ComfyUI custom-node folder for the guidance rules")
+    comfy.add_argument("folder", help="e.g. ComfyUI/custom_nodes/diffguide")
+    comfy.add_argument("--overwrite", action="store_true", help="replace the files of an existing export")
+    comfy.set_defaults(func=_cmd_export_comfy)
 
     evaluate = sub.add_parser("eval", help="distribution metrics: FD, KID, FD-infinity, ISTD")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)
