@@ -6,10 +6,10 @@ import importlib.util
 import math
 import sys
 
+import comfy_standin as comfy
 import pytest
 import torch
 
-import comfy_standin as comfy
 from diffguide import cli
 from diffguide.comfy import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from diffguide.guidance import APG, AdaptiveGuidance, LinearAG

@@ -50,7 +50,11 @@ class DiffguideAPG:
 
     def patch(self, model, eta: float, norm_threshold: float, momentum: float):
         cap = float(norm_threshold) if norm_threshold > 0 else math.inf
-        return (attach(model, APG(eta=float(eta), norm_threshold=cap, momentum=float(momentum)), skips_uncond=False),)
+        return (
+            attach(
+                model, APG(eta=float(eta), norm_threshold=cap, momentum=float(momentum)), skips_uncond=False
+            ),
+        )
 
 
 class DiffguideAdaptiveGuidance:
@@ -149,7 +153,9 @@ class DiffguideCFGInterval:
     @classmethod
     def VALIDATE_INPUTS(cls, sigma_start=5.42, sigma_end=0.28):  # noqa: N802
         if not sigma_end < sigma_start:
-            return f"sigma_end must be below sigma_start, got sigma_start={sigma_start}, sigma_end={sigma_end}"
+            return (
+                f"sigma_end must be below sigma_start, got sigma_start={sigma_start}, sigma_end={sigma_end}"
+            )
         return True
 
     def patch(self, model, sigma_start: float, sigma_end: float):

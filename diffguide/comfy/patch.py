@@ -105,7 +105,12 @@ class ComfyGuidance:
         if not self.skips_uncond or self._step is None:
             self._advance(x, sigma, args["model_options"])
         step = GuidanceStep(
-            self._step.step_index, self._step.num_steps, self._step.timestep, scale, self._step.alpha, self._step.sigma
+            self._step.step_index,
+            self._step.num_steps,
+            self._step.timestep,
+            scale,
+            self._step.alpha,
+            self._step.sigma,
         )
         mask = self._mask if self._mask is not None else torch.ones(x.shape[0], dtype=torch.bool)
         cond, uncond = out[0], out[1]
