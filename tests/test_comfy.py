@@ -261,3 +261,46 @@ def test_exported_folder_loads_through_comfyuis_loading_rule(tmp_path, capsys):
     assert cli.main(["export-comfy", str(folder)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert cli.main(["export-comfy", str(folder), "--overwrite"]) == 0
+
+
+def test_v3_wrappers_build_from_the_v1_nodes_when_comfy_api_is_present(monkeypatch):
+    """A minimal stand-in of ``comfy_api.latest`` (``io`` schema classes, ``ComfyExtension``)."""
+    import asyncio
+    import importlib
+    import types
+
+    class _Input:
+        def __init__(self, kind):
+            self.kind = kind
+
+        def Input(self, name, **options):  # noqa: N802
+            return (self.kind, name, options)
+
+        def Output(self):  # noqa: N802
+            return (self.kind, "output")
+
+    io = types.SimpleNamespace(
+        ComfyNode=type("ComfyNode", (), {}),
+        Schema=lambda **fields: fields,
+        NodeOutput=lambda *values: values,
+        Model=_Input("MODEL"), Float=_Input("FLOAT"), Int=_Input("INT"), String=_Input("STRING"),
+    )  # fmt: skip
+    latest = types.ModuleType("comfy_api.latest")
+    latest.io, latest.ComfyExtension = io, type("ComfyExtension", (), {})
+    monkeypatch.setitem(sys.modules, "comfy_api", types.ModuleType("comfy_api"))
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", latest)
+    import diffguide.comfy.v3 as v3
+
+    v3 = importlib.reload(v3)
+    try:
+        nodes = asyncio.run(asyncio.run(v3.comfy_entrypoint()).get_node_list())
+        schemas = {node.define_schema()["node_id"]: node for node in nodes}
+        assert set(schemas) == set(NODE_CLASS_MAPPINGS)
+        apg = schemas["DiffguideAPG"]
+        assert ("FLOAT", "momentum") == apg.define_schema()["inputs"][3][:2]
+        assert "momentum" in apg.validate_inputs(eta=0.0, norm_threshold=1.0, momentum=2.0)
+        (patched,) = apg.execute(model=_patcher(), eta=0.0, norm_threshold=1.0, momentum=-0.5)
+        assert len(patched.model_options["sampler_pre_cfg_function"]) == 1
+    finally:
+        monkeypatch.undo()
+        importlib.reload(v3)
