@@ -20,14 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..smooth import (
-    SD15_MIN_ALPHA_BAR,
-    VariationRegularizer,
-    add_lora,
-    lora_state_dict,
-    save_lora,
-    use_plain_attention,
-)
+from ..callbacks.base import CallbackRunner
+from ..callbacks.smooth_diffusion import SmoothVariation
+from ..smooth import SD15_MIN_ALPHA_BAR, add_lora, lora_state_dict, save_lora
 from .training import read_checkpoint, write_checkpoint
 
 BatchSampler = Callable[[torch.Generator], tuple[torch.Tensor, dict]]
@@ -90,11 +85,10 @@ def train_smooth_lora(
     output_dir, run_dir = Path(output_dir), Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     prediction_type = noise_scheduler.config.prediction_type
-    use_plain_attention(unet)  # the penalty needs a double backward
     add_lora(unet, config.rank)
     parameters = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
-    regularizer = VariationRegularizer(weight=config.weight, min_alpha_bar=config.min_alpha_bar)
+    smooth = SmoothVariation(weight=config.weight, min_alpha_bar=config.min_alpha_bar)
     generator = torch.Generator().manual_seed(config.seed)
     step, elapsed, losses = 0, 0.0, []
     checkpoint = run_dir / "checkpoint.pt"
@@ -102,20 +96,21 @@ def train_smooth_lora(
     if state is not None:
         set_peft_model_state_dict(unet, {k.removeprefix("unet."): v for k, v in state["lora"].items()})
         optimizer.load_state_dict(state["optimizer"])
-        regularizer.load_state_dict(state["regularizer"])
+        smooth.load_state_dict(state["regularizer"])
         generator.set_state(state["generator"])
         step, elapsed, losses = state["step"], state["elapsed"], state["losses"]
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
+    runner = CallbackRunner([smooth], unet, optimizer, total_steps=config.steps, accelerator=accelerator)
+    runner.ctx.step = step
 
     def save_checkpoint() -> None:
         state = {
             "config": asdict(config),
             "lora": lora_state_dict(accelerator.unwrap_model(unet)),
             "optimizer": optimizer.state_dict(),
-            "regularizer": regularizer.state_dict(),
+            "regularizer": smooth.state_dict(),
             "generator": generator.get_state(),
             "step": step,
             "elapsed": elapsed,
@@ -135,27 +130,23 @@ def train_smooth_lora(
         t = t.to(accelerator.device)
         noisy = noise_scheduler.add_noise(x0, noise, t)
         target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
+        runner.step_begin(
+            (x0, cond), noise=noise, timesteps=t, noise_scheduler=noise_scheduler,
+        ).extras = {"x0": x0, "model_kwargs": cond, "generator": generator}  # fmt: skip
         denoising = F.mse_loss(unet(noisy, t, **cond).sample, target)
-        penalty = regularizer.loss(
-            lambda x, tt, cond=cond: unet(x, tt, **cond).sample,
-            x0,
-            noise,
-            t,
-            alphas_cumprod,
-            prediction_type,
-            generator,
-        )
-        loss = denoising + penalty
+        loss = runner.total_loss(denoising)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(parameters, config.grad_clip)
-        optimizer.step()
+        runner.optimizer_step()
         step += 1
-        losses.append([denoising.item(), penalty.item()])
+        losses.append([denoising.item(), runner.ctx.logs.get("variation", 0.0)])
         elapsed += time.perf_counter() - started
         bar.update()
         bar.set_postfix(
-            mse=f"{denoising.item():.4f}", penalty=f"{losses[-1][1]:.4f}", target=f"{regularizer.target:.3f}"
+            mse=f"{denoising.item():.4f}",
+            penalty=f"{losses[-1][1]:.4f}",
+            target=f"{smooth.regularizer.target:.3f}",
         )
         if step % config.checkpoint_every == 0 or step == config.steps:
             save_checkpoint()
@@ -172,7 +163,7 @@ def train_smooth_lora(
         "train_seconds": round(elapsed, 1),
         "final_mse_mean_last_100": sum(m for m, _ in tail) / len(tail),
         "final_penalty_mean_last_100": sum(p for _, p in tail) / len(tail),
-        "running_target": regularizer.target,
+        "running_target": smooth.regularizer.target,
     }
     (output_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return record

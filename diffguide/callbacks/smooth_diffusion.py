@@ -1,0 +1,69 @@
+"""Smooth Diffusion's step-wise variation regularization as a training callback (Guo et al.,
+"Smooth Diffusion: Crafting Smooth Latent Spaces in Diffusion Models", CVPR 2024,
+arXiv 2312.04410).
+
+    L = MSE + lambda mean_i (v_i - a)^2,   v_i = ||d <x0_hat_i, n_i> / d eps_i||,
+    a <- a + 0.01 (mean v - a)
+
+The math (``variation_norms``, the running target ``a``) is :mod:`diffguide.smooth`'s; this
+file only reads its inputs off the training context and carries ``a`` in ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..smooth import VariationRegularizer, use_plain_attention
+from .base import Callback, TrainContext
+
+
+class SmoothVariation(Callback):
+    """The variation penalty for diffusion training loops.
+
+    Reads ``ctx.model`` (the UNet), ``ctx.noise``, ``ctx.timesteps``, ``ctx.noise_scheduler``
+    (``alphas_cumprod``, ``config.prediction_type``), ``ctx.extras["x0"]`` (the clean
+    images or latents) and ``ctx.extras.get("model_kwargs", {})`` (conditioning such as
+    ``class_labels`` or ``encoder_hidden_states``); ``ctx.extras.get("generator")`` draws the
+    probe. ``setup`` switches attention to diffusers' plain processor (the penalty needs a
+    double backward, which torch's fused CPU attention lacks).
+    """
+
+    def __init__(self, weight: float = 1.0, decay: float = 0.01, min_alpha_bar: float = 0.0):
+        self.regularizer = VariationRegularizer(weight=weight, decay=decay, min_alpha_bar=min_alpha_bar)
+
+    def setup(self, model: torch.nn.Module, optimizer) -> None:
+        use_plain_attention(model)
+
+    def loss_terms(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
+        if self.regularizer.weight == 0:
+            return {}
+        missing = [
+            name
+            for name, value in (
+                ("noise", ctx.noise),
+                ("timesteps", ctx.timesteps),
+                ("noise_scheduler", ctx.noise_scheduler),
+            )
+            if value is None
+        ] + ([] if "x0" in ctx.extras else ['extras["x0"]'])
+        if missing:
+            raise ValueError(f"SmoothVariation needs ctx.{', ctx.'.join(missing)} set by the training loop")
+        kwargs = ctx.extras.get("model_kwargs", {})
+        model = ctx.model
+        scheduler = ctx.noise_scheduler
+        penalty = self.regularizer.loss(
+            lambda x_t, t: model(x_t, t, **kwargs).sample,
+            ctx.extras["x0"],
+            ctx.noise,
+            ctx.timesteps,
+            scheduler.alphas_cumprod.to(ctx.noise.device),
+            scheduler.config.prediction_type,
+            ctx.extras.get("generator"),
+        )
+        return {"variation": penalty}
+
+    def state_dict(self) -> dict:
+        return self.regularizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.regularizer.load_state_dict(state)
