@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ..callbacks.base import Callback, CallbackRunner
 from .data import load_digits
 from .pipeline import DigitsPipeline, default_sampling_scheduler, default_scheduler_config, default_unet
 
@@ -109,8 +111,14 @@ def train_default(
     config: DefaultTrainingConfig | None = None,
     progress: bool = True,
     stop_after_steps: int | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict | None:
     """Train the default digits model and save it with ``save_pretrained`` in ``output_dir``.
+
+    ``callbacks`` (:mod:`diffguide.callbacks`) run through a ``CallbackRunner``: their loss
+    terms are added to the MSE and their state is part of the checkpoint. The context carries
+    ``noise``, ``timesteps``, ``noise_scheduler`` and ``extras["x0"]`` /
+    ``extras["model_kwargs"]``.
 
     ``run_dir`` holds the resumable checkpoint; re-running with the same ``run_dir`` continues
     from the last checkpoint. ``stop_after_steps`` ends the run early after a checkpoint
@@ -141,6 +149,7 @@ def train_default(
 
     step, elapsed, order, cursor = 0, 0.0, torch.randperm(len(data), generator=generator), 0
     losses: list[float] = []
+    runner = CallbackRunner(callbacks, unet, optimizer, total_steps=config.steps)
     checkpoint = _checkpoint_path(run_dir)
     state = read_checkpoint(checkpoint, config)
     if state is not None:
@@ -151,6 +160,8 @@ def train_default(
         generator.set_state(state["generator"])
         step, elapsed, order, cursor = state["step"], state["elapsed"], state["order"], state["cursor"]
         losses = state["losses"]
+        runner.load_state_dict(state.get("callbacks", runner.state_dict()))
+    runner.ctx.step = step
 
     def save_checkpoint() -> None:
         state = {
@@ -165,10 +176,12 @@ def train_default(
             "order": order,
             "cursor": cursor,
             "losses": losses,
+            "callbacks": runner.state_dict(),
         }
         write_checkpoint(checkpoint, state)
 
     unet.train()
+    runner.train_begin()
     bar = tqdm(total=config.steps, initial=step, desc="train default", disable=not progress)
     while step < config.steps:
         started = time.perf_counter()
@@ -185,16 +198,20 @@ def train_default(
         )
         noisy = noise_scheduler.add_noise(x0, noise, t)
 
-        loss = F.mse_loss(unet(noisy, t, class_labels=y).sample, noise)
+        ctx = runner.step_begin((x0, y), noise=noise, timesteps=t, noise_scheduler=noise_scheduler)
+        ctx.extras = {"x0": x0, "model_kwargs": {"class_labels": y}}
+        ctx.outputs = unet(noisy, t, class_labels=y).sample
+        mse = F.mse_loss(ctx.outputs, noise)
+        loss = runner.total_loss(mse)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
-        optimizer.step()
+        runner.optimizer_step()
         lr_schedule.step()
         ema.step(unet.parameters())
 
         step += 1
-        losses.append(loss.item())
+        losses.append(mse.item())
         elapsed += time.perf_counter() - started
         bar.update()
         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
@@ -205,6 +222,7 @@ def train_default(
             bar.close()
             return None
     bar.close()
+    runner.train_end()
 
     ema.copy_to(unet.parameters())
     unet.eval()
