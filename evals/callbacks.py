@@ -12,8 +12,8 @@
   classic grokking reference; epochs until test accuracy reaches 95%.
 - diffusion: the default model's training for ``--steps`` steps at batch 64, plain, with
   ScheduledDropPath (0.1, on every ResNet block's residual branch) and with SSA (keep ratio
-  0.5, the last 10% dense); judge accuracy and domain FD of 500 samples (CFG 3, DDIM 20),
-  and wall time.
+  0.5, the last 10% dense); judge accuracy and domain FD of ``--samples-per-class`` x 10
+  samples (CFG 3, DDIM 20), and wall time.
 
 Rows are cached in ``evals/results/callbacks_rows.json`` (``--fresh`` recomputes).
 """
@@ -207,6 +207,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15, help="label-noise epochs")
     parser.add_argument("--grok-epochs", type=int, default=3000)
     parser.add_argument("--steps", type=int, default=300, help="diffusion training steps")
+    parser.add_argument(
+        "--samples-per-class", type=int, default=50, help="diffusion: samples per class for FD"
+    )
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()
     sections = args.only.split(",")
@@ -266,7 +269,7 @@ def main() -> None:
             "callbacks_diffusion",
             f"## Callbacks: ScheduledDropPath and SSA in the default model's training\n\n`{command.strip()}` "
             f"({machine()}). {args.steps} steps at batch 64 each (the shipped model: 1,800 at 128), same seed; "
-            "500 samples, CFG 3, DDIM 20 steps.\n\n"
+            f"{10 * args.samples_per_class} samples, CFG 3, DDIM 20 steps.\n\n"
             + markdown_table(["training", "wall time", "final MSE", "judge accuracy", "domain FD"], rows),
         )
     write_result("callbacks", {"command": command, "machine": machine(), "rows": records})
