@@ -259,7 +259,7 @@ def main() -> None:
             row = _cached(
                 f"diffusion/{method}/{args.steps}",
                 args.fresh,
-                lambda m=method: train_diffusion(m, args.steps),
+                lambda m=method: train_diffusion(m, args.steps, args.samples_per_class),
             )
             print(row, flush=True)
             rows.append([method, f"{row['train_seconds']:.0f} s", f"{row['final_loss']:.4f}",
