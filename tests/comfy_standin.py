@@ -35,6 +35,8 @@ class CountingDenoiser:
         generator = torch.Generator().manual_seed(seed)
         self.weight = torch.randn(channels, channels, generator=generator) * 0.5
         self.rows: dict[str, int] = {}
+        #: (position in conds, cond name) per evaluation: ComfyUI labels position 1 "uncond"
+        self.positions: list[tuple[int, str]] = []
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
         self.rows[cond["name"]] = self.rows.get(cond["name"], 0) + x.shape[0]
@@ -46,10 +48,12 @@ def calc_cond_batch(model, conds, x_in, timestep, model_options):
     """Denoised predictions, one per entry of ``conds`` (zeros for a ``None`` entry, as
     ComfyUI's ``out_conds / out_counts`` with nothing added gives)."""
     out = []
-    for cond in conds:
+    for position, cond in enumerate(conds):
         if cond is None:
             out.append(torch.zeros_like(x_in))
             continue
+        if hasattr(model, "positions"):
+            model.positions.append((position, cond[0]["name"]))
         out.append(model(x_in, timestep, cond[0]))  # ComfyUI conds are lists of cond dicts
     return out
 

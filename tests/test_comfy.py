@@ -119,8 +119,41 @@ def test_ag_node_matches_diffguides_rule_sample_by_sample():
         u = torch.where(mask[:, None, None, None], model(x, sigma, uncond[0]), c)
         denoised = rule.combine(c, u, mask, step)
         x = x + (x - denoised) / SIGMAS[i] * (SIGMAS[i + 1] - SIGMAS[i])
-    assert patched.model.rows["uncond"] == sum(uncond_rows) and 0 < sum(uncond_rows) < 15
+    # the unconditional pass runs on the whole batch while any sample still needs it
+    assert patched.model.rows["uncond"] == 3 * sum(rows > 0 for rows in uncond_rows) < 15
     torch.testing.assert_close(result, x, rtol=1e-5, atol=1e-5)
+
+
+def test_uncond_keeps_its_position_so_comfy_labels_it_uncond():
+    (patched,) = NODE_CLASS_MAPPINGS["DiffguideAdaptiveGuidance"]().patch(
+        _patcher(), threshold=-1.0, min_steps=2
+    )
+    _run(patched)
+    assert {name for position, name in patched.model.positions if position == 1} == {"uncond"}
+    assert {name for position, name in patched.model.positions if position == 0} == {"cond"}
+
+
+def test_two_skipping_nodes_chain_without_losing_state():
+    ag = NODE_CLASS_MAPPINGS["DiffguideAdaptiveGuidance"]()
+    (patched,) = ag.patch(_patcher(), threshold=-1.0, min_steps=2)
+    (patched,) = NODE_CLASS_MAPPINGS["DiffguideCFGInterval"]().patch(
+        patched, sigma_start=10000.0, sigma_end=0.0
+    )
+    result = _run(patched)
+    assert torch.isfinite(result).all()
+    assert patched.model.rows == {"cond": 15, "uncond": 9}  # the inner AG still skips after its switch
+    (alone,) = ag.patch(_patcher(), threshold=-1.0, min_steps=2)
+    torch.testing.assert_close(result, _run(alone), rtol=1e-5, atol=1e-5)  # AG's switch still decides
+
+
+def test_consecutive_one_step_runs_each_start_afresh():
+    (patched,) = NODE_CLASS_MAPPINGS["DiffguideAdaptiveGuidance"]().patch(
+        _patcher(), threshold=-1.0, min_steps=0
+    )
+    sigmas = torch.tensor([2.0, 0.0])
+    first, second = _run(patched, sigmas=sigmas), _run(patched, sigmas=sigmas)
+    torch.testing.assert_close(first, second)
+    assert patched.model.rows == {"cond": 3, "uncond": 3}  # the second run guided its step too
 
 
 def test_state_resets_between_runs():
@@ -180,22 +213,24 @@ def test_the_input_model_is_not_modified():
 
 
 def _validate(node_id: str, inputs: dict) -> list[str]:
-    """ComfyUI's input checks (execution.py's validate_inputs): declared min/max first, then
-    the node's VALIDATE_INPUTS; each failure is a message string."""
+    """ComfyUI's input checks (execution.py's validate_inputs): the declared min/max for inputs
+    that VALIDATE_INPUTS does not name, then VALIDATE_INPUTS with the inputs it names."""
+    import inspect
+
     node = NODE_CLASS_MAPPINGS[node_id]
+    named = set(inspect.signature(node.VALIDATE_INPUTS).parameters)
     errors = []
     for name, spec in node.INPUT_TYPES()["required"].items():
-        if name not in inputs or spec[0] not in ("FLOAT", "INT"):
+        if name not in inputs or name in named or spec[0] not in ("FLOAT", "INT"):
             continue
         options, value = spec[1], inputs[name]
         if "min" in options and value < options["min"]:
             errors.append(f"Value {value} smaller than min of {options['min']}")
         if "max" in options and value > options["max"]:
             errors.append(f"Value {value} bigger than max of {options['max']}")
-    if not errors:
-        verdict = node.VALIDATE_INPUTS(**inputs)
-        if verdict is not True:
-            errors.append(verdict)
+    verdict = node.VALIDATE_INPUTS(**{k: v for k, v in inputs.items() if k in named})
+    if verdict is not True:
+        errors.append(verdict)
     return errors
 
 
@@ -211,6 +246,9 @@ def _validate(node_id: str, inputs: dict) -> list[str]:
             {"sigma_start": 1.0, "sigma_end": 2.0},
             "sigma_end must be below sigma_start",
         ),
+        ("DiffguideCFGInterval", {"sigma_start": 5.0, "sigma_end": -1.0}, "smaller than min of 0.0"),
+        ("DiffguideAdaptiveGuidance", {"threshold": 2.0, "min_steps": 0}, "bigger than max of 1.5"),
+        ("DiffguideAdaptiveGuidance", {"threshold": float("nan"), "min_steps": 0}, "is not a number"),
     ],
 )
 def test_bad_node_inputs_get_comfy_style_validation_errors(node_id, inputs, message):

@@ -17,6 +17,21 @@ from .patch import attach
 CATEGORY = "sampling/diffguide"
 
 
+def range_error(node: type, **values) -> str | None:
+    """The declared min/max check, worded as ComfyUI words it. ComfyUI skips its own check for
+    every input that ``VALIDATE_INPUTS`` names, so each node's ``VALIDATE_INPUTS`` calls this."""
+    required = node.INPUT_TYPES()["required"]
+    for name, value in values.items():
+        options = required[name][1] if len(required[name]) > 1 else {}
+        if not isinstance(value, (int, float)) or value != value:  # NaN
+            return f"{name}: {value!r} is not a number"
+        if "min" in options and value < options["min"]:
+            return f"{name}: Value {value} smaller than min of {options['min']}"
+        if "max" in options and value > options["max"]:
+            return f"{name}: Value {value} bigger than max of {options['max']}"
+    return None
+
+
 class DiffguideAPG:
     """Adaptive Projected Guidance (Sadat et al., ICLR 2025) as the paper writes it:
     ``D = D_c + (w - 1) (g_orth + eta g_par)`` with reverse momentum and a norm cap."""
@@ -42,9 +57,12 @@ class DiffguideAPG:
 
     @classmethod
     def VALIDATE_INPUTS(cls, eta=0.0, norm_threshold=15.0, momentum=-0.5):  # noqa: N802
-        if not isinstance(norm_threshold, (int, float)) or norm_threshold < 0:
+        message = range_error(cls, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
+        if message:
+            return message
+        if norm_threshold < 0:
             return f"norm_threshold must be >= 0 (0 for no cap), got {norm_threshold!r}"
-        if not isinstance(momentum, (int, float)) or not -1 < momentum < 1:
+        if not -1 < momentum < 1:
             return f"momentum must be in (-1, 1), got {momentum!r}"
         return True
 
@@ -81,9 +99,10 @@ class DiffguideAdaptiveGuidance:
 
     @classmethod
     def VALIDATE_INPUTS(cls, threshold=0.991, min_steps=0):  # noqa: N802
-        if not isinstance(threshold, (int, float)) or math.isnan(threshold):
-            return f"threshold must be a number, got {threshold!r}"
-        if not isinstance(min_steps, int) or min_steps < 0:
+        message = range_error(cls, threshold=threshold, min_steps=min_steps)
+        if message:
+            return message
+        if not isinstance(min_steps, int):
             return f"min_steps must be a whole number >= 0, got {min_steps!r}"
         return True
 
@@ -152,6 +171,9 @@ class DiffguideCFGInterval:
 
     @classmethod
     def VALIDATE_INPUTS(cls, sigma_start=5.42, sigma_end=0.28):  # noqa: N802
+        message = range_error(cls, sigma_start=sigma_start, sigma_end=sigma_end)
+        if message:
+            return message
         if not sigma_end < sigma_start:
             return (
                 f"sigma_end must be below sigma_start, got sigma_start={sigma_start}, sigma_end={sigma_end}"

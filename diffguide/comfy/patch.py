@@ -7,8 +7,10 @@ ComfyUI runs one sampling step as: ``sampler_calc_cond_batch_function`` (or its 
 :class:`ComfyGuidance` uses the first hook to evaluate the unconditional batch only on the
 samples the rule asks for (``rule.uncond_mask``), and the second to call ``rule.combine``.
 ComfyUI then applies its own CFG formula, so the pre-CFG hook returns
-``[u + (G - u) / w, u]``, for which that formula gives the rule's prediction ``G`` while
-later hooks still see the real unconditional prediction.
+``[u + (G - u) / w, u]``, for which that formula gives the rule's prediction ``G``. Later
+hooks see the real unconditional prediction but this stand-in conditional one, so post-CFG
+hooks that recombine ``cond_denoised`` and ``uncond_denoised`` (RescaleCFG, PAG, SAG) see the
+rule's guidance as if it were CFG's.
 
 ComfyUI's predictions are denoised (x0) in k-diffusion's parametrization
 ``x = x0 + sigma * eps``: a rule in ``"denoised"`` space gets them as they are, one in
@@ -38,32 +40,48 @@ class ComfyGuidance:
         self.previous_calc = previous_calc
         self._last_sigma: float | None = None
         self._batch: int | None = None
+        self._sample_sigmas = None
         self._evaluations = 0
         self._step: GuidanceStep | None = None
         self._mask: torch.Tensor | None = None
-        #: per model evaluation of the current run, how many samples got an unconditional row
+        #: per model evaluation of the current run, the rows of the unconditional pass (0 = skipped)
         self.uncond_rows: list[int] = []
 
     # -- step bookkeeping ---------------------------------------------------------------------
 
     def _advance(self, x: torch.Tensor, sigma: torch.Tensor, model_options: dict) -> GuidanceStep:
-        """Start the step of this model evaluation (a new run when sigma rises or the batch
-        changes: samplers only lower sigma within a run)."""
+        """Start the step of this model evaluation. A new run starts when ComfyUI hands over
+        another ``sample_sigmas`` tensor (it sets one per sampling run), when sigma is back at
+        the schedule's first level (no sampler evaluates it twice in a run; a cached sigmas
+        tensor can be the same object in two runs), when sigma rises (samplers only lower it
+        within a run) or when the batch size changes."""
         level = float(sigma.max())
-        if self._last_sigma is None or level > self._last_sigma or x.shape[0] != self._batch:
+        sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        at_start = sample_sigmas is not None and abs(level - float(sample_sigmas[0])) <= 1e-6 * max(
+            1.0, level
+        )
+        new_run = (
+            self._last_sigma is None
+            or level > self._last_sigma
+            or x.shape[0] != self._batch
+            or (sample_sigmas is not None and sample_sigmas is not self._sample_sigmas)
+            or (at_start and self._evaluations > 0)
+        )
+        if new_run:
             self.rule.reset()
             self._evaluations = 0
             self.uncond_rows = []
-        self._last_sigma, self._batch = level, x.shape[0]
-        sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        self._last_sigma, self._batch, self._sample_sigmas = level, x.shape[0], sample_sigmas
         if sample_sigmas is not None and len(sample_sigmas) > 1:
-            schedule = torch.as_tensor(sample_sigmas, dtype=torch.float64)[:-1]
+            schedule = (
+                torch.as_tensor(sample_sigmas).detach().cpu().double()[:-1]
+            )  # cpu first: no float64 on MPS
             step_index, num_steps = int((schedule - level).abs().argmin()), len(schedule)
         else:
             step_index, num_steps = self._evaluations, None
         self._evaluations += 1
-        sigmas = sigma.reshape(-1).double().cpu().expand(x.shape[0])
-        # the scale is not passed to this hook; the pre-CFG hook fills it in before combine
+        sigmas = sigma.detach().reshape(-1).cpu().double().expand(x.shape[0])
+        # the scale is not passed to calc_cond_batch; pre_cfg fills it in before combine
         self._step = GuidanceStep(step_index, num_steps, level, float("nan"), torch.ones_like(sigmas), sigmas)
         self._mask = None
         return self._step
@@ -71,39 +89,45 @@ class ComfyGuidance:
     # -- the hooks ----------------------------------------------------------------------------
 
     def calc_cond_batch(self, args: dict) -> list[torch.Tensor]:
-        conds, x, sigma = args["conds"], args["input"], args["sigma"]
-        model, options = args["model"], args["model_options"]
+        """Evaluate the unconditional batch only when the rule needs it for some sample.
 
-        def evaluate(which: list, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
-            x_rows = x if rows is None else x[rows]
-            sigma_rows = sigma if rows is None else sigma[rows]
-            if self.previous_calc is not None:
-                sub = {**args, "conds": which, "input": x_rows, "sigma": sigma_rows}
-                return self.previous_calc(sub)
-            return _default_calc_cond_batch()(model, which, x_rows, sigma_rows, options)
-
+        Each entry keeps its position in ``conds`` (ComfyUI labels position 1 as the
+        unconditional pass for attention patches), and the unconditional pass always runs on
+        the whole batch, so batch-indexed conditioning (masks, ControlNet hints, video frames)
+        lines up. When only some samples need it, the others' rows are computed and then
+        ignored by the rule: the saving is exact once every sample has switched.
+        """
+        conds = args["conds"]
         if len(conds) < 2 or conds[1] is None:  # cond_scale == 1: ComfyUI skips uncond itself
-            return evaluate(conds)
-        step = self._advance(x, sigma, options)
+            return self._evaluate(args, conds)
+        x = args["input"]
+        step = self._advance(x, args["sigma"], args["model_options"])
         mask = self.rule.uncond_mask(x.shape[0], step).to(torch.bool).cpu()
         self._mask = mask
-        self.uncond_rows.append(int(mask.sum()))
-        if bool(mask.all()):
-            return evaluate(conds)
-        cond = evaluate([conds[0]])[0]
-        uncond = cond.clone()
         if bool(mask.any()):
-            rows = mask.to(x.device)
-            uncond[rows] = evaluate([conds[1]], rows)[0]
-        return [cond, uncond, *evaluate(conds[2:])] if len(conds) > 2 else [cond, uncond]
+            self.uncond_rows.append(x.shape[0])
+            return self._evaluate(args, conds)
+        self.uncond_rows.append(0)
+        out = self._evaluate(args, [conds[0], None, *conds[2:]])
+        return [out[0], out[0].clone(), *out[2:]]  # uncond rows are a copy of cond, flagged by the mask
+
+    def _evaluate(self, args: dict, conds: list) -> list[torch.Tensor]:
+        if self.previous_calc is not None:
+            return self.previous_calc({**args, "conds": conds})
+        return _default_calc_cond_batch()(
+            args["model"], conds, args["input"], args["sigma"], args["model_options"]
+        )
 
     def pre_cfg(self, args: dict) -> list[torch.Tensor]:
         out = args["conds_out"]
         if len(out) < 2 or args["conds"][1] is None:
             return out
         x, sigma, scale = args["input"], args["sigma"], float(args["cond_scale"])
-        if not self.skips_uncond or self._step is None:
-            self._advance(x, sigma, args["model_options"])
+        if self._step is None or not self.skips_uncond:
+            # our calc_cond_batch did not run for this evaluation (APG registers none; another
+            # node may have replaced ours): every uncond row is real, the rule still decides
+            step = self._advance(x, sigma, args["model_options"])
+            self._mask = self.rule.uncond_mask(x.shape[0], step).to(torch.bool).cpu()
         step = GuidanceStep(
             self._step.step_index,
             self._step.num_steps,
@@ -112,7 +136,7 @@ class ComfyGuidance:
             self._step.alpha,
             self._step.sigma,
         )
-        mask = self._mask if self._mask is not None else torch.ones(x.shape[0], dtype=torch.bool)
+        mask = self._mask
         cond, uncond = out[0], out[1]
         if self.rule.space == "model_output":
             sig = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x)
@@ -120,8 +144,7 @@ class ComfyGuidance:
         else:
             guided = self.rule.combine(cond, uncond, mask, step)
         guided = guided.to(cond.dtype)
-        if self.skips_uncond:
-            self._step = None  # the next evaluation starts in calc_cond_batch again
+        self._step = None  # the next evaluation starts afresh
         if scale == 0:  # ComfyUI's formula returns u whatever c is: hand it G twice
             return [guided, guided, *out[2:]]
         return [uncond + (guided - uncond) / scale, uncond, *out[2:]]
