@@ -56,6 +56,7 @@ def test_compare_runs_every_method_on_the_same_seed(registry):
         (lambda r: core.generate(r, "default", "3", "cfg", 3.0, 0, 0), "steps must be between 1 and 200"),
         (lambda r: core.generate(r, "default", "3", "cfg", 3.0, 999, 0), "steps must be between 1 and 200"),
         (lambda r: core.generate(r, "default", "3", "cfg", 0.5, 4, 0), "guidance scale must be between"),
+        (lambda r: core.generate(r, "default", "3", "cfg", 3.0, float("inf"), 0), "must be finite numbers"),
         (lambda r: core.generate(r, "default", "twelve", "cfg", 3.0, 4, 0), "class from 0 to 9"),
         (lambda r: core.generate(r, "default", "3", "magic", 3.0, 4, 0), "unknown method 'magic'"),
         (lambda r: core.generate(r, "/etc", "3", "cfg", 3.0, 4, 0), "unknown model '/etc'"),
@@ -114,6 +115,34 @@ def test_sketch_to_digit_centres_white_ink_on_black_like_mnist():
     upload = np.full((100, 60, 3), 255, np.uint8)
     upload[10:50, 40:44] = 0
     torch.testing.assert_close(core.sketch_to_digit(upload), digit)
+
+
+def test_sketch_to_digit_reads_float_images_and_refuses_what_is_not_an_image():
+    canvas = np.zeros((40, 40), np.float32)
+    canvas[5:35, 18:22] = 1.0  # white ink on black, floats in [0, 1]
+    digit = core.sketch_to_digit(canvas)
+    assert digit.max() == pytest.approx(1.0, abs=0.02) and digit.sum() > 10
+    with pytest.raises(core.AppError, match="expected an image"):
+        core.sketch_to_digit(np.zeros((4, 40, 40)))  # channels first
+    with pytest.raises(core.AppError, match="sketch is empty"):
+        core.sketch_to_digit(np.full((20, 20), np.nan))
+
+
+def test_linear_ag_is_calibrated_once_per_model_scale_and_steps(tmp_path, registry, monkeypatch):
+    import diffguide.compare as compare
+
+    calls = []
+    real = compare.calibrate_linear_ag
+    monkeypatch.setattr(compare, "calibrate_linear_ag",
+                        lambda pipe, w, steps, trajectories=4: calls.append((w, steps)) or real(pipe, w, steps, 4))  # fmt: skip
+    registry.get("default").pipe.save_pretrained(tmp_path / "mine")
+    mine = core.ModelRegistry([tmp_path / "mine"])
+    first = core.generate(mine, "mine", "2", "linear-ag", 3.0, 3, 0)
+    second = core.generate(mine, "mine", "2", "linear-ag", 3.0, 3, 0)
+    assert calls == [(3.0, 3)]  # another digits model does not get the default model's coefficients
+    assert np.array_equal(_pixels(first.image), _pixels(second.image))
+    core.generate(registry, "default", "2", "linear-ag", 3.0, 20, 0)
+    assert calls == [(3.0, 3)]  # the default model at w=3, 20 steps uses the shipped file
 
 
 def test_classify_reads_a_drawn_test_digit(registry):

@@ -46,6 +46,8 @@ class LoadedModel:
     name: str
     pipe: object
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: LinearAG rules by (scale, steps): calibration costs ~200 CFG runs, so it runs once
+    linear_ag: dict = field(default_factory=dict)
 
     @property
     def is_digits(self) -> bool:
@@ -67,33 +69,52 @@ class ModelRegistry:
                 name = str(path)
             self.folders[name] = path
         self._loaded: dict[str, LoadedModel] = {}
-        self._loading = threading.Lock()
+        self._guard = threading.Lock()  # held only to look up or create the per-name locks
+        self._loading: dict[str, threading.Lock] = {}
+        self._judge = None
 
     @property
     def names(self) -> list[str]:
         return [DEFAULT_MODEL, *self.folders]
 
+    def _once(self, key: str, load) -> LoadedModel:
+        """``self._loaded[key]``, loading it once; loading one model blocks only its own callers."""
+        loaded = self._loaded.get(key)
+        if loaded is not None:
+            return loaded
+        with self._guard:
+            lock = self._loading.setdefault(key, threading.Lock())
+        with lock:
+            if key not in self._loaded:
+                self._loaded[key] = LoadedModel(key, load())
+            return self._loaded[key]
+
     def get(self, name: str) -> LoadedModel:
         """The loaded model called ``name`` (loaded on first use); AppError if it cannot load."""
-        with self._loading:
-            if name not in self._loaded:
-                self._loaded[name] = LoadedModel(name, self._load(name))
-            return self._loaded[name]
+        return self._once(name, lambda: self._load(name))
+
+    def judge(self):
+        """The judge network, loaded once."""
+        if self._judge is None:
+            from ..models import load_judge
+
+            self._judge = load_judge()
+        return self._judge
 
     def get_with_lora(self, lora: str | Path) -> LoadedModel:
         """The default model with the LoRA at ``lora`` loaded (a copy of its own, loaded once)."""
-        key = f"{DEFAULT_MODEL}+{Path(lora).resolve()}"
-        with self._loading:
-            if key not in self._loaded:
-                from ..models import load_default_pipeline
 
-                pipe = load_default_pipeline()
-                try:
-                    pipe.load_lora_weights(lora)
-                except (FileNotFoundError, ValueError) as err:
-                    raise AppError(f"the Smooth-LoRA at {lora} failed to load: {err}") from None
-                self._loaded[key] = LoadedModel(key, pipe)
-            return self._loaded[key]
+        def load():
+            from ..models import load_default_pipeline
+
+            pipe = load_default_pipeline()
+            try:
+                pipe.load_lora_weights(lora)
+            except (FileNotFoundError, ValueError) as err:
+                raise AppError(f"the Smooth-LoRA at {lora} failed to load: {err}") from None
+            return pipe
+
+        return self._once(f"{DEFAULT_MODEL}+{Path(lora).resolve()}", load)
 
     def _load(self, name: str):
         if name == DEFAULT_MODEL:
@@ -130,9 +151,9 @@ def check_settings(steps: int, guidance_scale: float, seed: int) -> tuple[int, f
     """Steps, scale and seed as numbers in range, or an AppError naming the allowed range."""
     try:
         steps, guidance_scale, seed = int(steps), float(guidance_scale), int(seed)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise AppError(
-            f"steps, scale and seed must be numbers, got {steps!r}, {guidance_scale!r}, {seed!r}"
+            f"steps, scale and seed must be finite numbers, got {steps!r}, {guidance_scale!r}, {seed!r}"
         ) from None
     if not STEPS_RANGE[0] <= steps <= STEPS_RANGE[1]:
         raise AppError(f"steps must be between {STEPS_RANGE[0]} and {STEPS_RANGE[1]}, got {steps}")
@@ -186,9 +207,26 @@ def make_method(
             )
         if name == "ag" and params:
             return AdaptiveGuidance(threshold=float(params.get("threshold", 0.991)))
+        if name == "linear-ag":
+            return _linear_ag(model, guidance_scale, steps)
         return build_rule(name, model.pipe, guidance_scale, steps)
     except ValueError as err:
         raise AppError(f"{name}: {err}") from None
+
+
+def _linear_ag(model: LoadedModel, guidance_scale: float, steps: int) -> GuidanceRule:
+    """LinearAG for this model, scale and steps: the shipped coefficients on the default model,
+    else calibrated once (under the model's lock, since calibration samples with the pipeline)."""
+    from ..compare import calibrate_linear_ag
+
+    key = (float(guidance_scale), int(steps))
+    with model.lock:
+        if key not in model.linear_ag:
+            if model.name == DEFAULT_MODEL:
+                model.linear_ag[key] = build_rule("linear-ag", model.pipe, guidance_scale, steps)
+            else:
+                model.linear_ag[key] = calibrate_linear_ag(model.pipe, guidance_scale, steps)
+        return model.linear_ag[key]
 
 
 @dataclass
@@ -322,9 +360,16 @@ def sketch_to_digit(image: np.ndarray | PIL.Image.Image | dict | None, size: int
         image = image.get("composite")
     if image is None:
         raise AppError("the sketch is empty: draw a digit (or upload an image) first")
-    pixels = np.asarray(
-        image.convert("RGBA") if isinstance(image, PIL.Image.Image) else image, dtype=np.float64
-    )
+    raw = np.asarray(image.convert("RGBA") if isinstance(image, PIL.Image.Image) else image)
+    if (
+        raw.ndim not in (2, 3)
+        or (raw.ndim == 3 and raw.shape[-1] not in (1, 2, 3, 4))
+        or min(raw.shape[:2]) < 1
+    ):
+        raise AppError(f"expected an image (H, W) or (H, W, 1-4 channels), got an array of shape {raw.shape}")
+    pixels = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+    if not np.issubdtype(raw.dtype, np.integer) and pixels.max() <= 1.0:
+        pixels = pixels * 255.0  # float images in [0, 1]
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     if pixels.shape[-1] in (2, 4):
@@ -365,7 +410,6 @@ def classify(
 ) -> Classification:
     """Classify a sketch with the Diffusion Classifier of a digits model and with the judge."""
     from ..classifier import PRESETS, DiffusionClassifier
-    from ..models import load_judge
 
     if schedule not in PRESETS:
         raise AppError(f"unknown schedule {schedule!r}; choose from {', '.join(PRESETS)}")
@@ -375,7 +419,7 @@ def classify(
         raise AppError(f"{model_name} is a text-to-image model; the classify tab takes a digits model")
     with model.lock, torch.no_grad():
         result = DiffusionClassifier(model.pipe, schedule=schedule).classify(digit)
-        probabilities = torch.softmax(load_judge()(digit), dim=1)[0]
+        probabilities = torch.softmax(registry.judge()(digit), dim=1)[0]
     errors = result.errors[0]
     return Classification(
         digit=digit,
