@@ -32,14 +32,19 @@ def range_error(node: type, **values) -> str | None:
     return None
 
 
-class DiffguideAPG:
+class _ModelPatchNode:
+    """What every node here shares: MODEL in, a patched clone out, in our category."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+
+class DiffguideAPG(_ModelPatchNode):
     """Adaptive Projected Guidance (Sadat et al., ICLR 2025) as the paper writes it:
     ``D = D_c + (w - 1) (g_orth + eta g_par)`` with reverse momentum and a norm cap."""
 
     DESCRIPTION = __doc__
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's name)
@@ -75,15 +80,12 @@ class DiffguideAPG:
         )
 
 
-class DiffguideAdaptiveGuidance:
+class DiffguideAdaptiveGuidance(_ModelPatchNode):
     """Adaptive Guidance (Castillo et al., 2023): CFG until the cosine of the conditional and
     unconditional x0 predictions reaches the threshold, per sample; after that the
     unconditional batch is not computed at all."""
 
     DESCRIPTION = __doc__
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802
@@ -111,15 +113,12 @@ class DiffguideAdaptiveGuidance:
         return (attach(model, rule, skips_uncond=True),)
 
 
-class DiffguideLinearAG:
+class DiffguideLinearAG(_ModelPatchNode):
     """LinearAG (Castillo et al., 2023): at the schedule's estimate steps the unconditional
     prediction is a per-step linear function of past predictions, with coefficients from a
     file written by ``LinearAG.calibrate(...).save(path)`` for this model, scale and steps."""
 
     DESCRIPTION = __doc__
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802
@@ -147,15 +146,12 @@ class DiffguideLinearAG:
         return (attach(model, LinearAG.load(coefficients_path), skips_uncond=True),)
 
 
-class DiffguideCFGInterval:
+class DiffguideCFGInterval(_ModelPatchNode):
     """Guidance in a limited interval (Kynkaanniemi et al., NeurIPS 2024): CFG only while the
     noise level sigma is in (sigma_end, sigma_start]; elsewhere the conditional prediction
     alone, without computing the unconditional one. sigma_start at its maximum = a CFG cutoff."""
 
     DESCRIPTION = __doc__
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802
