@@ -34,7 +34,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--spd", required=True, help="folder of the SPD-trained pipeline (save_pretrained)")
+    parser.add_argument(
+        "--spd", default=str(Path(__file__).resolve().parents[1] / "checkpoints" / "spd-digits"),
+        help="folder of the SPD-trained pipeline (default: the one trained for this project, checkpoints/spd-digits)",
+    )  # fmt: skip
     parser.add_argument(
         "--cells", default="50:100,250:100,1000:100",
         help="sampling steps:samples per class, comma-separated (the full T = 1000 is the authors' setting)",
