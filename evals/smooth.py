@@ -2,7 +2,7 @@
 
     diffguide train smooth-lora --weight 1 --out runs/smooth-lora-w1      # the Smooth-LoRA
     diffguide train smooth-lora --weight 0 --out runs/smooth-lora-w0      # control: same steps, no penalty
-    python evals/smooth.py --lora runs/smooth-lora-w1 --control runs/smooth-lora-w0
+    python evals/smooth.py --steps 20 --pairs 100 --n-per-class 20   # the shipped LoRA and control by default
 
 Per model: ISTD over ``--pairs`` noise pairs cycling over the 10 classes (Smooth Diffusion's
 definition, DDIM eta = 0, CFG ``--scale``), and, on ``--n-per-class`` samples per class, the
@@ -32,8 +32,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--lora", required=True, help="the Smooth-LoRA folder")
-    parser.add_argument("--control", required=True, help="the lambda = 0 LoRA folder")
+    root = Path(__file__).resolve().parents[1]
+    parser.add_argument(
+        "--lora", default=str(root / "diffguide" / "models" / "default" / "smooth_lora"),
+        help="the Smooth-LoRA folder (default: the one shipped with the default model)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--control", default=str(root / "checkpoints" / "smooth-lora-w0"),
+        help="the lambda = 0 LoRA folder (default: the project's, trained with the same steps)",
+    )  # fmt: skip
     parser.add_argument("--pairs", type=int, default=100)
     parser.add_argument("--n-per-class", type=int, default=100)
     parser.add_argument("--scale", type=float, default=3.0)
