@@ -14,6 +14,7 @@ by the judge's accuracy and the domain Frechet distance to the 1,000 test digits
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from diffusers import DDPMScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import machine, markdown_table, write_result, write_section  # noqa: E402
+from report import RESULTS, machine, markdown_table, write_result, write_section  # noqa: E402
 
 import diffguide as dg  # noqa: E402
 from diffguide.generation import generate_samples  # noqa: E402
@@ -60,11 +61,22 @@ def main() -> None:
     test_images, _ = dg.load_digits("test")
     test_features = extract_features(test_images, judge)
     cells = [tuple(int(v) for v in cell.split(":")) for cell in args.cells.split(",")]
+    cache = RESULTS / "spd_rows.json"
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
 
     rows, records = [], []
     for steps, n_per_class in cells:
         labels = torch.arange(10).repeat_interleave(n_per_class)
         for name, pipe in (("DDPM", ddpm), ("SPD", spd)):
+            key = f"{name}/{steps}/{len(labels)}/{args.scale:g}/{args.seed}"
+            if key in cached:
+                records.append(cached[key])
+                rows.append([name, steps, len(labels), f"{cached[key]['judge_accuracy']:.1%}",
+                             f"{cached[key]['domain_fd']:.1f}"])  # fmt: skip
+                continue
+            if name == "DDPM" and steps >= pipe.scheduler.config.num_train_timesteps:
+                # "leading" spacing with steps_offset=1 would ask for t = 1000 at full T
+                pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, steps_offset=0)
             pipe.set_progress_bar_config(disable=True)
             images = generate_samples(
                 pipe, labels, seed=args.seed, batch_size=args.batch_size, progress=True,
@@ -83,6 +95,8 @@ def main() -> None:
                 }
             )
             rows.append([name, steps, len(labels), f"{accuracy:.1%}", f"{fd:.1f}"])
+            cached[key] = records[-1]
+            cache.write_text(json.dumps(cached, indent=2) + "\n")
             print(records[-1], flush=True)
     command = "python evals/spd.py " + " ".join(sys.argv[1:])
     write_result("spd", {"command": command, "machine": machine(), "rows": records})
