@@ -135,7 +135,6 @@ def train_smooth_lora(
         ).extras = {"x0": x0, "model_kwargs": cond, "generator": generator}  # fmt: skip
         denoising = F.mse_loss(unet(noisy, t, **cond).sample, target)
         loss = runner.total_loss(denoising)
-        optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(parameters, config.grad_clip)
         runner.optimizer_step()

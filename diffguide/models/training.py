@@ -203,7 +203,6 @@ def train_default(
         ctx.outputs = unet(noisy, t, class_labels=y).sample
         mse = F.mse_loss(ctx.outputs, noise)
         loss = runner.total_loss(mse)
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
         runner.optimizer_step()
