@@ -66,7 +66,7 @@ def symmetric_noise(labels: torch.Tensor, rate: float, num_classes: int, seed: i
     return noisy
 
 
-def train_with_noise(method: str, epochs: int, rate: float, seed: int = 0) -> dict:
+def train_with_noise(method: str, epochs: int, rate: float, augment: bool = True, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     images, clean = dg.load_digits("train")
@@ -90,7 +90,8 @@ def train_with_noise(method: str, epochs: int, rate: float, seed: int = 0) -> di
         for i in range(0, n, batch):
             index = order[i : i + batch]
             ctx = runner.step_begin((images[index], labels[index], index))
-            ctx.outputs = model(_augment(images[index], generator))
+            inputs = _augment(images[index], generator) if augment else images[index]
+            ctx.outputs = model(inputs)
             task = torch.zeros(()) if method == "pskd" else F.cross_entropy(ctx.outputs, labels[index])
             runner.total_loss(task).backward()
             runner.optimizer_step()
@@ -101,7 +102,7 @@ def train_with_noise(method: str, epochs: int, rate: float, seed: int = 0) -> di
             history.append((model(test_images).argmax(1) == test_labels).float().mean().item())
     runner.train_end()
     return {
-        "method": method, "epochs": epochs, "noise": rate, "final_test_accuracy": history[-1],
+        "method": method, "epochs": epochs, "noise": rate, "augment": augment, "final_test_accuracy": history[-1],
         "best_test_accuracy": max(history), "history": history,
         "label_noise_realised": float((labels != clean).float().mean()), "seconds": time.perf_counter() - started,
     }  # fmt: skip
@@ -205,6 +206,12 @@ def main() -> None:
     )
     parser.add_argument("--only", default="noise,grokking,diffusion")
     parser.add_argument("--epochs", type=int, default=15, help="label-noise epochs")
+    parser.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help="label noise: train without the judge's augmentation (memorisation sets in sooner)",
+    )
     parser.add_argument("--grok-epochs", type=int, default=3000)
     parser.add_argument("--steps", type=int, default=300, help="diffusion training steps")
     parser.add_argument(
@@ -219,19 +226,20 @@ def main() -> None:
         rows = []
         for method in ("ce", "elr", "pskd"):
             row = _cached(
-                f"noise/{method}/{args.epochs}",
+                f"noise/{method}/{args.epochs}" + ("" if args.augment else "/no-augment"),
                 args.fresh,
-                lambda m=method: train_with_noise(m, args.epochs, 0.4),
+                lambda m=method: train_with_noise(m, args.epochs, 0.4, augment=args.augment),
             )
             print({k: v for k, v in row.items() if k != "history"}, flush=True)
             rows.append([method.upper() if method != "pskd" else "PS-KD", f"{row['final_test_accuracy']:.1%}",
                          f"{row['best_test_accuracy']:.1%}", f"{row['seconds']:.0f} s"])  # fmt: skip
             records[f"noise/{method}"] = row
         write_section(
-            "callbacks_noise",
+            "callbacks_noise" + ("" if args.augment else "_no_augment"),
             f"## Callbacks: ELR and PS-KD under 40% symmetric label noise\n\n`{command.strip()}` ({machine()}). "
             f"The judge's CNN, {args.epochs} epochs on the 4,000 train digits with 40% of labels replaced by a "
-            "wrong class; accuracy on the 1,000 clean test digits.\n\n"
+            f"wrong class, {'with' if args.augment else 'without'} the judge's augmentation; accuracy on the "
+            "1,000 clean test digits after every epoch.\n\n"
             + markdown_table(["loss", "final test accuracy", "best epoch", "time"], rows),
         )
     if "grokking" in sections:
