@@ -186,3 +186,154 @@ def test_same_callback_gives_the_same_result_in_the_plain_runner_and_the_trainer
     torch.testing.assert_close(trained.linear.weight, plain.linear.weight)
     torch.testing.assert_close(trained.linear.bias, plain.linear.bias)
     assert recorder.calls.count("before_step") == 6 and recorder.calls[0] == "train_begin"
+
+
+class _ItemsClassifier(_Classifier):
+    """Takes ``num_items_in_batch`` (as HF language models do), so ``Trainer`` leaves the
+    accumulated loss un-divided and the model normalises over the whole accumulated batch."""
+
+    def forward(self, x, labels=None, num_items_in_batch=None, **kwargs):
+        logits = self.linear(x)
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum") / num_items_in_batch
+        return {"loss": loss, "logits": logits}
+
+
+def _trainer(model, callback, output_dir, **overrides):
+    from transformers import Trainer, TrainingArguments
+
+    class SequentialTrainer(CallbackTrainerMixin, Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    settings = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=4, num_train_epochs=2, learning_rate=0.1,
+        lr_scheduler_type="constant", max_grad_norm=0.0, save_strategy="no", report_to=[], disable_tqdm=True,
+        use_cpu=True, logging_strategy="no", seed=0,
+    )  # fmt: skip
+    settings.update(overrides)
+    return SequentialTrainer(
+        model=model, args=TrainingArguments(**settings), train_dataset=_Dataset(),
+        callbacks=[trainer_callback([callback])], optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+    )  # fmt: skip
+
+
+def test_trainer_with_accumulation_and_a_num_items_model_matches_the_plain_runner(tmp_path):
+    torch.manual_seed(0)
+    trained = _ItemsClassifier()
+    plain = copy.deepcopy(trained)
+    _plain_run(plain.linear, Recorder())  # batches of 4, no accumulation
+    recorder = Recorder()
+    trainer = _trainer(
+        trained, recorder, tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2
+    )
+    assert trainer.model_accepts_loss_kwargs
+    trainer.train()
+    # the l2 term is a per-micro-batch mean: counted twice per step unless divided by 2
+    torch.testing.assert_close(trained.linear.weight, plain.linear.weight)
+    torch.testing.assert_close(trained.linear.bias, plain.linear.bias)
+    assert recorder.calls.count("step_begin") == 12 and recorder.calls.count("before_step") == 6
+
+
+class _TermCounter(Callback):
+    def __init__(self):
+        self.terms_computed = 0
+
+    def loss_terms(self, ctx):
+        self.terms_computed += 1
+        return {"l2": next(ctx.model.parameters()).pow(2).sum()}
+
+
+def test_trainer_evaluation_adds_no_terms_and_leaves_callback_state_untouched(tmp_path):
+    torch.manual_seed(0)
+    model, counter = _Classifier(), _TermCounter()
+    trainer = _trainer(model, counter, tmp_path)
+    trainer.train()
+    assert counter.terms_computed == 6
+    metrics = trainer.evaluate(_Dataset())
+    assert counter.terms_computed == 6
+    x, y = _data()
+    with torch.no_grad():
+        expected = float(torch.nn.functional.cross_entropy(model.linear(x), y))
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_trainer_resume_restores_callback_state_and_ends_where_an_uninterrupted_run_does(tmp_path):
+    from diffguide.callbacks import TRAINER_STATE_FILE
+
+    torch.manual_seed(0)
+    start = _Classifier()
+    uninterrupted, uninterrupted_recorder = copy.deepcopy(start), Recorder()
+    _trainer(uninterrupted, uninterrupted_recorder, tmp_path / "a").train()
+
+    first = copy.deepcopy(start)
+    _trainer(first, Recorder(), tmp_path / "b", save_strategy="steps", save_steps=3).train()
+    checkpoint = tmp_path / "b" / "checkpoint-3"
+    assert torch.load(checkpoint / TRAINER_STATE_FILE, weights_only=True)["callbacks"] == [{"decay_steps": 3}]
+
+    resumed, resumed_recorder = copy.deepcopy(start), Recorder()
+    _trainer(resumed, resumed_recorder, tmp_path / "b").train(resume_from_checkpoint=str(checkpoint))
+    assert resumed_recorder.decay_steps == uninterrupted_recorder.decay_steps == 6
+    torch.testing.assert_close(resumed.linear.weight, uninterrupted.linear.weight)
+
+    (checkpoint / TRAINER_STATE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="callbacks' state would be lost"):
+        _trainer(copy.deepcopy(start), Recorder(), tmp_path / "b").train(
+            resume_from_checkpoint=str(checkpoint)
+        )
+
+
+class _ScalingAccelerator:
+    """The parts of ``accelerate.Accelerator`` the runner uses, with fp16's ``GradScaler``
+    (accelerate has no CPU fp16)."""
+
+    sync_gradients = True
+
+    def __init__(self, optimizer):
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        self.optimizer = optimizer
+
+    def register_for_checkpointing(self, obj):
+        pass
+
+    def unscale_gradients(self, optimizer=None):
+        self.scaler.unscale_(self.optimizer)
+
+
+class _ScaledOptimizer:
+    """``AcceleratedOptimizer`` under fp16: ``step`` is ``scaler.step`` then ``scaler.update``."""
+
+    def __init__(self, optimizer, scaler):
+        self.optimizer, self.scaler = optimizer, scaler
+
+    def step(self):
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+class _GradientReader(Callback):
+    def before_optimizer_step(self, ctx):
+        self.seen = ctx.model.weight.grad.clone()
+
+
+@pytest.mark.parametrize("loop_unscaled_first", [False, True])
+def test_callbacks_see_unscaled_gradients_under_a_grad_scaler(loop_unscaled_first):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = _data()
+    reference = copy.deepcopy(model)
+    torch.nn.functional.cross_entropy(reference(x), y).backward()
+
+    accelerator = _ScalingAccelerator(torch.optim.SGD(model.parameters(), lr=0.1))
+    reader = _GradientReader()
+    optimizer = _ScaledOptimizer(accelerator.optimizer, accelerator.scaler)
+    runner = CallbackRunner([reader], model, optimizer, accelerator=accelerator)
+    runner.step_begin((x, y))
+    accelerator.scaler.scale(runner.total_loss(torch.nn.functional.cross_entropy(model(x), y))).backward()
+    if loop_unscaled_first:  # e.g. accelerator.clip_grad_norm_
+        accelerator.unscale_gradients()
+    runner.optimizer_step()
+    torch.testing.assert_close(reader.seen, reference.weight.grad)
+    torch.testing.assert_close(model.weight, reference.weight - 0.1 * reference.weight.grad)

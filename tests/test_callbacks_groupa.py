@@ -441,3 +441,25 @@ def test_drop_path_wrappers_are_removed_at_train_end_so_the_state_dict_keys_are_
     assert isinstance(model[0], DropPathWrapper)
     runner.train_end()
     assert not isinstance(model[0], DropPathWrapper) and set(model.state_dict()) == keys
+
+
+def _forward_hooks(model: nn.Module) -> int:
+    return sum(len(module._forward_hooks) for module in model.modules())
+
+
+def test_alignment_and_sparsity_remove_their_forward_hooks_at_train_end():
+    target, guide = mlp(0), mlp(1)
+    alignment = RepresentationalAlignment(guide, ["1", "3"], ["1", "3"])
+    runner = CallbackRunner([alignment], target, torch.optim.SGD(target.parameters(), lr=0.1), total_steps=2)
+    assert _forward_hooks(target) == 2 and _forward_hooks(guide) == 2
+    run_steps(runner, target, batches(2))
+    runner.train_end()
+    assert _forward_hooks(target) == 0 and _forward_hooks(guide) == 0
+
+    model = TinyAttention()
+    sparsity = AttentionSparsityPenalty(modules=["softmax"])
+    runner = CallbackRunner([sparsity], model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=1)
+    assert _forward_hooks(model) == 1
+    run_steps(runner, model, [(torch.randn(2, 5, 4), torch.randn(2, 3))])
+    runner.train_end()
+    assert _forward_hooks(model) == 0

@@ -304,10 +304,16 @@ class TwoAttentionBlocks(torch.nn.Module):
         return x
 
 
-def test_ssa_switches_to_dense_for_the_final_phase_and_restores_processors():
+@pytest.mark.parametrize(
+    "dense_fraction, expected_dense_steps",
+    [(0.3, [7, 8, 9]), (0.7, [3, 4, 5, 6, 7, 8, 9])],  # 1 - 0.7 = 0.30000000000000004 in floats
+)
+def test_ssa_switches_to_dense_for_the_final_phase_and_restores_processors(
+    dense_fraction, expected_dense_steps
+):
     model = TwoAttentionBlocks()
     originals = [block.processor for block in model.blocks]
-    callback = SubsampledAttention(ratio=0.25, dense_fraction=0.3, seed=0)
+    callback = SubsampledAttention(ratio=0.25, dense_fraction=dense_fraction, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     runner = CallbackRunner([callback], model, optimizer, total_steps=10)
     assert all(isinstance(block.processor, SubsampledAttnProcessor) for block in model.blocks)
@@ -327,7 +333,7 @@ def test_ssa_switches_to_dense_for_the_final_phase_and_restores_processors():
         runner.total_loss(ctx.outputs.square().mean()).backward()
         runner.optimizer_step()
     runner.train_end()
-    assert dense_steps == [7, 8, 9]  # step >= (1 - 0.3) * 10
+    assert dense_steps == expected_dense_steps
     assert [block.processor for block in model.blocks] == originals
 
 
@@ -390,6 +396,12 @@ def exact_ot_cost(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(ot.emd2(uniform(len(x)), uniform(len(y)), cost))
 
 
+def double_centred_spread(cost: np.ndarray) -> float:
+    n, m = cost.shape
+    centring_rows, centring_cols = np.eye(n) - 1.0 / n, np.eye(m) - 1.0 / m
+    return float(np.abs(centring_rows @ cost @ centring_cols).mean())
+
+
 def test_monge_gap_is_nonnegative_and_bracketed_by_exact_ot_on_random_maps():
     torch.manual_seed(0)
     x = torch.randn(24, 3)
@@ -402,7 +414,7 @@ def test_monge_gap_is_nonnegative_and_bracketed_by_exact_ot_on_random_maps():
     for name, mapped in maps.items():
         gap = float(monge_gap(x, mapped))
         displacement = float(((x - mapped) ** 2).sum(-1).mean())
-        epsilon = 0.01 * float((torch.cdist(x, mapped) ** 2).mean())
+        epsilon = 0.01 * double_centred_spread((torch.cdist(x, mapped) ** 2).numpy())
         unregularized = displacement - exact_ot_cost(x, mapped)
         # gap - (disp - W_0) = W_0 - W_eps, which lies in [0, eps log n] (module docstring)
         assert unregularized - 1e-5 <= gap <= unregularized + epsilon * math.log(24) + 1e-5, name
@@ -421,14 +433,23 @@ def test_monge_gap_is_near_zero_for_optimal_maps():
     bound = epsilon * math.log(24)
     assert 0.0 <= identity <= bound
     assert translation == pytest.approx(identity, abs=1e-8)
-    # With the default eps (1% of the mean cost, 0.13 here) on 8-D samples whose nearest
-    # neighbours are >= 1.39 = 10.5 eps apart, the entropic plan puts ~exp(-10.5) of its mass off
-    # the identity coupling, so M is ~3e-7 (under 1e-6 of the worst case, eps log n = 0.42)
+    # With the default eps (1% of the double-centred cost's mean magnitude, under 0.13 here) on
+    # 8-D samples whose nearest neighbours are >= 1.39 apart, the entropic plan puts under
+    # exp(-10.5) of its mass off the identity coupling, so M is far below the worst case
     spread = torch.randn(24, 8)
-    epsilon = 0.01 * float((torch.cdist(spread, spread) ** 2).mean())
     identity = float(monge_gap(spread, spread.clone()))
     assert 0.0 <= identity < 1e-6
-    assert float(monge_gap(spread, spread + 1.0, epsilon=epsilon)) == pytest.approx(identity, abs=1e-8)
+
+
+def test_monge_gap_default_epsilon_does_not_depend_on_a_translation():
+    # mean(C) grows by |b|^2 under a translation by b; the default eps must not, or the gap of
+    # this optimal map would grow with |b| (0.021 -> 29.7 at |b| = 20 with eps = 0.01 mean(C))
+    torch.manual_seed(0)
+    x = torch.randn(64, 2)
+    identity = float(monge_gap(x, x.clone()))
+    for shift in (torch.tensor([3.0, -1.0]), torch.tensor([20.0, 0.0])):
+        assert float(monge_gap(x, x + shift)) == pytest.approx(identity, abs=1e-6)
+    assert 0.0 <= identity <= 0.01 * double_centred_spread((torch.cdist(x, x) ** 2).numpy()) * math.log(64)
 
 
 def test_monge_gap_entropic_value_matches_an_independent_primal_sinkhorn():
@@ -498,3 +519,15 @@ def test_monge_gap_callback_drives_a_plain_loop_and_lowers_the_gap():
         runner.optimizer_step()
     runner.train_end()
     assert all(g >= 0 for g in gaps) and gaps[-1] < gaps[0]
+
+
+def test_batch_readers_accept_any_mapping():
+    from collections import UserDict
+
+    from diffguide.callbacks.monge_gap import default_source
+    from diffguide.callbacks.pskd import default_indices, default_labels
+
+    batch = UserDict({"x": torch.ones(2, 3), "labels": torch.tensor([1, 2]), "index": torch.tensor([5, 6])})
+    assert default_indices(batch).tolist() == [5, 6]
+    assert default_labels(batch).tolist() == [1, 2]
+    assert torch.equal(default_source(batch), torch.ones(2, 3))

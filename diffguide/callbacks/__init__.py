@@ -2,7 +2,14 @@
 (:mod:`diffguide.callbacks.base`). See docs/callbacks.md."""
 
 from .alignment import RepresentationalAlignment, linear_cka
-from .base import Callback, CallbackRunner, CallbackTrainerMixin, TrainContext, trainer_callback
+from .base import (
+    TRAINER_STATE_FILE,
+    Callback,
+    CallbackRunner,
+    CallbackTrainerMixin,
+    TrainContext,
+    trainer_callback,
+)
 from .drop_path import DropPathWrapper, ScheduledDropPath
 from .elr import ELR
 from .monge_gap import MongeGap, monge_gap
@@ -36,6 +43,7 @@ __all__ = [
     "StableMaxCrossEntropy",
     "SubsampledAttention",
     "SubsampledAttnProcessor",
+    "TRAINER_STATE_FILE",
     "TrainContext",
     "linear_cka",
     "monge_gap",

@@ -164,9 +164,15 @@ class RepresentationalAlignment(Callback):
             )
 
     def remove_hooks(self) -> None:
+        """Detach the forward hooks from the target and the guide (``on_train_end`` does this)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._target_outputs.clear()
+        self._guide_outputs.clear()
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        self.remove_hooks()
 
     def loss_terms(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
         missing = [name for name, _ in self.pairs if name not in self._target_outputs]

@@ -4,6 +4,7 @@ A :class:`Callback` may touch a training run at these points (all optional):
 
 - ``setup(model, optimizer)``: module surgery or wrappers, once, before training;
 - ``on_train_begin / on_epoch_begin / on_step_begin / on_epoch_end / on_train_end(ctx)``;
+  ``on_step_begin`` fires for every micro-batch (before its forward pass);
 - ``loss_terms(ctx) -> {name: tensor}``: extra terms, weighted by the runner and added to
   the task loss (each is logged under its name);
 - ``before_optimizer_step(ctx)`` with the accumulated, unscaled gradients in ``.grad``, and
@@ -16,16 +17,19 @@ noise, timesteps and the noise scheduler.
 
 Adapters:
 
-- :class:`CallbackRunner` for plain PyTorch and accelerate loops. Step hooks fire once per
-  optimizer step: with ``accelerator.accumulate`` only when ``accelerator.sync_gradients``.
-  With an accelerator the runner registers itself for checkpointing, so
-  ``accelerator.save_state`` / ``load_state`` carry the callbacks' state.
+- :class:`CallbackRunner` for plain PyTorch and accelerate loops. The optimizer-step hooks
+  fire once per optimizer step: with ``accelerator.accumulate`` only when
+  ``accelerator.sync_gradients``. With an accelerator the runner registers itself for
+  checkpointing, so ``accelerator.save_state`` / ``load_state`` carry the callbacks' state,
+  and under fp16 it unscales the gradients before ``before_optimizer_step``.
 - :func:`trainer_callback` for the Hugging Face ``Trainer``, with :class:`CallbackTrainerMixin`
-  adding the loss terms in ``compute_loss``.
+  adding the loss terms in ``compute_loss`` (training batches only). The callbacks' state is
+  written into every ``checkpoint-N`` folder and read back on ``resume_from_checkpoint``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,9 +82,11 @@ class Callback:
     def after_optimizer_step(self, ctx: TrainContext) -> None: ...
 
     def state_dict(self) -> dict:
+        """What a resumed run needs to continue exactly (tensors, numbers, lists, dicts)."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state but was given {sorted(state)}")
 
@@ -111,7 +117,7 @@ class CallbackRunner:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer | None,
         total_steps: int | None = None,
-        accelerator=None,
+        accelerator: Any = None,
         weights: dict[str, float] | None = None,
     ):
         self.callbacks = list(callbacks)
@@ -128,9 +134,11 @@ class CallbackRunner:
             getattr(callback, hook)(self.ctx)
 
     def train_begin(self) -> None:
+        """Before the first step (also after a resume)."""
         self._each("on_train_begin")
 
     def epoch_begin(self, epoch: int | None = None) -> None:
+        """A new epoch; ``epoch`` sets ``ctx.epoch`` (else it is kept)."""
         if epoch is not None:
             self.ctx.epoch = epoch
         self._each("on_epoch_begin")
@@ -143,13 +151,17 @@ class CallbackRunner:
         self._each("on_step_begin")
         return self.ctx
 
-    def total_loss(self, task_loss: torch.Tensor) -> torch.Tensor:
-        """``task_loss`` plus every callback's weighted terms; logs each in ``ctx.logs``."""
+    def total_loss(self, task_loss: torch.Tensor, term_scale: float = 1.0) -> torch.Tensor:
+        """``task_loss`` plus every callback's weighted terms; logs each in ``ctx.logs``.
+
+        ``term_scale`` multiplies every term: the Trainer adapter passes
+        ``1 / accumulation steps`` when ``task_loss`` is already normalised over the whole
+        accumulated batch (the terms are per micro-batch means)."""
         self.ctx.loss = task_loss
         total, logs = task_loss, {"loss": float(task_loss.detach())}
         for callback in self.callbacks:
             for name, term in callback.loss_terms(self.ctx).items():
-                term = term * self.weights.get(name, 1.0)
+                term = term * (self.weights.get(name, 1.0) * term_scale)
                 logs[name] = float(term.detach())
                 total = total + term
         logs["total_loss"] = float(total.detach())
@@ -161,6 +173,7 @@ class CallbackRunner:
         ``after_optimizer_step`` and the step count; only when gradients are synchronised."""
         syncing = self.accelerator is None or self.accelerator.sync_gradients
         if syncing:
+            self._unscale_gradients()
             self._each("before_optimizer_step")
         self.ctx.optimizer.step()
         if zero_grad:
@@ -170,13 +183,27 @@ class CallbackRunner:
             self.ctx.step += 1
         return syncing
 
+    def _unscale_gradients(self) -> None:
+        # accelerate's fp16 GradScaler would unscale inside optimizer.step(), after the
+        # callbacks have read .grad; a no-op without a scaler
+        if self.accelerator is None or getattr(self.accelerator, "scaler", None) is None:
+            return
+        try:
+            self.accelerator.unscale_gradients(self.ctx.optimizer)
+        except RuntimeError as error:  # the loop already unscaled them (clip_grad_norm_)
+            if "already been called" not in str(error):
+                raise
+
     def epoch_end(self) -> None:
+        """After the epoch's last step."""
         self._each("on_epoch_end")
 
     def train_end(self) -> None:
+        """After training: callbacks undo their surgery and remove their hooks."""
         self._each("on_train_end")
 
     def state_dict(self) -> dict:
+        """The step and epoch counters and every callback's state, in order."""
         return {
             "step": self.ctx.step,
             "epoch": self.ctx.epoch,
@@ -184,6 +211,7 @@ class CallbackRunner:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the callbacks must be the same, in the same order."""
         if len(state["callbacks"]) != len(self.callbacks):
             raise ValueError(
                 f"the checkpoint holds {len(state['callbacks'])} callbacks' state, this runner has {len(self.callbacks)}"
@@ -193,7 +221,11 @@ class CallbackRunner:
             callback.load_state_dict(callback_state)
 
 
-def trainer_callback(callbacks: Sequence[Callback], total_steps: int | None = None):
+#: the file the Trainer adapter writes into every ``checkpoint-N`` folder
+TRAINER_STATE_FILE = "diffguide_callbacks.pt"
+
+
+def trainer_callback(callbacks: Sequence[Callback], total_steps: int | None = None) -> Any:
     """A ``transformers.TrainerCallback`` that drives ``callbacks`` inside ``Trainer``.
 
     Use it with :class:`CallbackTrainerMixin` so ``loss_terms`` reach the loss::
@@ -201,6 +233,10 @@ def trainer_callback(callbacks: Sequence[Callback], total_steps: int | None = No
         class MyTrainer(CallbackTrainerMixin, Trainer): ...
         adapter = trainer_callback([OrthoGrad()])
         trainer = MyTrainer(model=model, args=args, train_dataset=data, callbacks=[adapter])
+
+    The callbacks' state is saved as :data:`TRAINER_STATE_FILE` in each checkpoint folder and
+    restored when training resumes from one (a checkpoint without it is an error, not a silent
+    fresh start). Callbacks that read ``batch["index"]`` need ``remove_unused_columns=False``.
     """
     from transformers import TrainerCallback
 
@@ -208,6 +244,10 @@ def trainer_callback(callbacks: Sequence[Callback], total_steps: int | None = No
         def __init__(self):
             self.runner: CallbackRunner | None = None
             self.callbacks = list(callbacks)
+            #: set by CallbackTrainerMixin.train: the checkpoint folder being resumed, and
+            #: whether compute_loss fires on_step_begin per micro-batch
+            self.resume_from: str | None = None
+            self.mixin_drives_steps = False
 
         def _ensure(self, model, optimizer, state) -> CallbackRunner:
             if self.runner is None:
@@ -217,14 +257,30 @@ def trainer_callback(callbacks: Sequence[Callback], total_steps: int | None = No
             self.runner.ctx.epoch = int(state.epoch or 0)
             return self.runner
 
+        def _restore(self, args, state, runner: CallbackRunner) -> None:
+            folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            path = os.path.join(folder, TRAINER_STATE_FILE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"resuming at step {state.global_step}, but {path} does not exist, so the callbacks' "
+                    "state would be lost; resume from a checkpoint saved with diffguide's trainer_callback, "
+                    "or start training afresh"
+                )
+            runner.load_state_dict(torch.load(path, weights_only=True))
+
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-            self._ensure(model, optimizer, state).train_begin()
+            runner = self._ensure(model, optimizer, state)
+            if state.global_step > 0:
+                self._restore(args, state, runner)
+            runner.train_begin()
 
         def on_epoch_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
             self._ensure(model, optimizer, state).epoch_begin()
 
         def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-            self._ensure(model, optimizer, state)._each("on_step_begin")
+            runner = self._ensure(model, optimizer, state)
+            if not self.mixin_drives_steps:  # without the mixin: once per optimizer step
+                runner._each("on_step_begin")
 
         def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
             self._ensure(model, optimizer, state)._each("before_optimizer_step")
@@ -239,12 +295,22 @@ def trainer_callback(callbacks: Sequence[Callback], total_steps: int | None = No
         def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
             self._ensure(model, optimizer, state).train_end()
 
+        def on_save(self, args, state, control, **kwargs):
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if self.runner is not None and state.is_world_process_zero and os.path.isdir(folder):
+                torch.save(self.runner.state_dict(), os.path.join(folder, TRAINER_STATE_FILE))
+
     return DiffguideCallbacks()
 
 
 class CallbackTrainerMixin:
     """Mix into ``transformers.Trainer`` (before it) so the callbacks' ``loss_terms`` are added
-    to the loss; the adapter made by :func:`trainer_callback` must be in ``callbacks``."""
+    to the training loss; the adapter made by :func:`trainer_callback` must be in ``callbacks``.
+
+    Evaluation batches go through ``compute_loss`` too; they get no terms and touch no state.
+    When ``Trainer`` leaves the loss un-divided by the accumulation steps (a model that takes
+    ``num_items_in_batch`` normalises over the whole accumulated batch), the per-micro-batch
+    terms are divided by them here, so the result equals the plain runner's."""
 
     def _diffguide_adapter(self):
         for callback in self.callback_handler.callbacks:
@@ -252,10 +318,37 @@ class CallbackTrainerMixin:
                 return callback
         raise ValueError("add diffguide.callbacks.trainer_callback([...]) to the Trainer's callbacks")
 
-    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """``Trainer.train``, telling the adapter which checkpoint folder it resumes from."""
+        adapter = self._diffguide_adapter()
+        folder = resume_from_checkpoint
+        if folder is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            folder = get_last_checkpoint(self.args.output_dir)
+        adapter.resume_from = folder if isinstance(folder, str) else None
+        adapter.mixin_drives_steps = True
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _loss_is_scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
+        # mirrors Trainer.training_step's rule for when it divides the loss itself
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is not None:
+            return bool(scaled)
+        accepts = getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
+        return bool(accepts or getattr(self, "compute_loss_func", None) is not None)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: Any, return_outputs: bool = False, **kwargs: Any):
+        """``Trainer.compute_loss`` plus the callbacks' terms on training batches."""
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         adapter = self._diffguide_adapter()
         runner = adapter._ensure(model, self.optimizer, self.state)
-        runner.ctx.batch, runner.ctx.outputs = inputs, outputs
-        loss = runner.total_loss(loss)
+        runner.step_begin(inputs)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+        runner.ctx.outputs = outputs
+        term_scale = 1.0
+        if self._loss_is_scaled_for_accumulation(kwargs.get("num_items_in_batch")):
+            term_scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", 1)
+        loss = runner.total_loss(loss, term_scale=term_scale)
         return (loss, outputs) if return_outputs else loss

@@ -35,16 +35,18 @@ on the double-centered cost (separable terms change neither the plan nor the gap
 map then converges like the identity) with eps-scaling (eps halved from the cost's range down to
 the target, warm-started), since the default eps is small against the cost.
 
-``eps`` defaults to ``0.01 * mean(C)`` (C the ``n x n`` cost matrix between ``x`` and ``T(x)``,
-detached): entropic regularization is only meaningful relative to the scale of the cost, as in
-OTT-JAX's ``relative_epsilon``; the factor 0.01 is this library's default (the paper's own
-value was not checked).
+``eps`` defaults to ``0.01 * mean|C_c|``, ``C_c`` the double-centered ``n x n`` cost between
+``x`` and ``T(x)`` (detached): entropic regularization is only meaningful relative to the
+scale of the cost, as in OTT-JAX's ``relative_epsilon``, but ``mean(C)`` itself would grow with
+a translation of ``T`` (by ``|b|^2`` for the squared Euclidean cost) and, in high dimension, is
+dominated by the near-constant part of the distances. The factor 0.01 is this library's
+default (the paper's own value was not checked).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -141,7 +143,8 @@ def monge_gap(
     Args:
         x: samples ``(n, ...)`` of the reference measure (flattened to ``(n, d)``).
         mapped: ``T(x)``, same number of samples.
-        epsilon: entropic regularization; ``None``: ``relative_epsilon * mean(C)``.
+        epsilon: entropic regularization; ``None``: ``relative_epsilon * mean|C_c|`` with
+            ``C_c`` the doubly centred cost (see :func:`cost_scale`).
         cost: ``"sqeuclidean"`` or a pairwise cost ``f(x (n, d), y (m, d)) -> (n, m)``.
         max_iter, tol: Sinkhorn's iteration cap and marginal tolerance.
     """
@@ -153,16 +156,28 @@ def monge_gap(
     # float64: small eps makes C / eps large, and the gap is a difference of close numbers
     matrix = cost_fn(x.reshape(x.shape[0], -1).double(), mapped.reshape(mapped.shape[0], -1).double())
     if epsilon is None:
-        # C >= 0 for the usual costs; the floor only guards an all-zero C (every coupling optimal)
-        epsilon = max(relative_epsilon * float(matrix.detach().abs().mean()), 1e-30)
+        # the floor only guards a C with no spread (every coupling optimal)
+        epsilon = max(relative_epsilon * cost_scale(matrix), 1e-30)
     displacement = matrix.diagonal().mean()  # same matrix as W, so the M >= 0 bound is exact
     gap = displacement - entropic_ot_lower_value(matrix, epsilon, max_iter, tol)
     return gap.to(mapped.dtype)
 
 
+def cost_scale(cost: torch.Tensor) -> float:
+    """``mean |C - row means - column means + mean|``: the cost's spread without the row and
+    column constants, which change no transport plan.
+
+    Scaling epsilon by ``mean(C)`` instead would make it depend on where ``T`` moves the cloud:
+    a translation by ``b`` adds ``|b|^2`` to every squared-Euclidean entry, and the gap of that
+    optimal map would grow with ``|b|``."""
+    cost = cost.detach()
+    centred = cost - cost.mean(1, keepdim=True) - cost.mean(0, keepdim=True) + cost.mean()
+    return float(centred.abs().mean())
+
+
 def default_source(batch: Any) -> torch.Tensor:
     """``batch["x"]`` for a mapping, ``batch[0]`` for a tuple/list, else the batch itself."""
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return batch["x"]
     if isinstance(batch, (tuple, list)):
         return batch[0]

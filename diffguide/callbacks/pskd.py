@@ -36,7 +36,7 @@ Because PS-KD *replaces* the task loss, :class:`PSKD` has two modes:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -47,14 +47,14 @@ from .base import Callback, TrainContext
 
 def default_indices(batch: Any) -> torch.Tensor:
     """``batch["index"]`` for a mapping, ``batch[2]`` for a tuple/list ``(x, y, index)``."""
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return batch["index"]
     return batch[2]
 
 
 def default_labels(batch: Any) -> torch.Tensor:
     """``batch["label"]`` (or ``"labels"``) for a mapping, ``batch[1]`` for a tuple/list."""
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return batch["label"] if "label" in batch else batch["labels"]
     return batch[1]
 

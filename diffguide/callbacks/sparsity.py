@@ -210,10 +210,15 @@ class AttentionSparsityPenalty(Callback):
         self._captured: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    def remove_hooks(self) -> None:
+        """Detach the forward hooks (``on_train_end`` does this)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._captured.clear()
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        self.remove_hooks()
         for name in self.module_names or []:
 
             def hook(module, args, output, name=name):
@@ -236,3 +241,6 @@ class AttentionSparsityPenalty(Callback):
             raise RuntimeError("AttentionSparsityPenalty got no attention maps")
         penalty = torch.stack([attention_sparsity(a) for a in maps]).mean()
         return {"attention_sparsity": self.weight * penalty}
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        self.remove_hooks()

@@ -264,7 +264,8 @@ class SubsampledAttention(Callback):
     def on_step_begin(self, ctx: TrainContext) -> None:
         if self.dense_phase or ctx.total_steps is None or self.dense_fraction == 0:
             return
-        if ctx.step >= (1.0 - self.dense_fraction) * ctx.total_steps:
+        # integer start: (1 - 0.7) * 10 is 3.0000000000000004 in floats
+        if ctx.step >= ctx.total_steps - round(self.dense_fraction * ctx.total_steps):
             self._set_dense(True)
 
     def on_train_end(self, ctx: TrainContext) -> None:

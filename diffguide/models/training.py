@@ -153,6 +153,9 @@ def train_default(
     checkpoint = _checkpoint_path(run_dir)
     state = read_checkpoint(checkpoint, config)
     if state is not None:
+        # callbacks first: their state may re-apply surgery (L0's pruning masks) that the
+        # saved unet's keys assume
+        runner.load_state_dict(state.get("callbacks", runner.state_dict()))
         unet.load_state_dict(state["unet"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
@@ -160,7 +163,6 @@ def train_default(
         generator.set_state(state["generator"])
         step, elapsed, order, cursor = state["step"], state["elapsed"], state["order"], state["cursor"]
         losses = state["losses"]
-        runner.load_state_dict(state.get("callbacks", runner.state_dict()))
     runner.ctx.step = step
 
     def save_checkpoint() -> None:
