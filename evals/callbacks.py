@@ -269,7 +269,8 @@ def main() -> None:
             records[f"noise/{method}"] = row
         write_section(
             "callbacks_noise" + ("" if args.augment else "_no_augment"),
-            f"## Callbacks: ELR and PS-KD under 40% symmetric label noise\n\n`{command.strip()}` ({machine()}). "
+            f"## Callbacks: ELR and PS-KD under 40% symmetric label noise, {args.epochs} epochs"
+            f"{'' if args.augment else ', no augmentation'}\n\n`{command.strip()}` ({machine()}). "
             f"The judge's CNN, {args.epochs} epochs on the 4,000 train digits with 40% of labels replaced by a "
             f"wrong class, {'with' if args.augment else 'without'} the judge's augmentation; accuracy on the "
             "1,000 clean test digits after every epoch.\n\n"
