@@ -22,7 +22,6 @@ Rows are cached in ``evals/results/callbacks_rows.json`` (``--fresh`` recomputes
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import RESULTS, machine, markdown_table, write_result, write_section  # noqa: E402
+from report import RESULTS, cached_row, machine, markdown_table, write_result, write_section  # noqa: E402
 
 import diffguide as dg  # noqa: E402
 from diffguide.callbacks import CallbackRunner  # noqa: E402
@@ -47,11 +46,7 @@ ROWS = RESULTS / "callbacks_rows.json"
 
 
 def _cached(key: str, fresh: bool, compute):
-    rows = json.loads(ROWS.read_text()) if ROWS.exists() else {}
-    if fresh or key not in rows:
-        rows[key] = compute()
-        ROWS.write_text(json.dumps(rows, indent=2) + "\n")
-    return rows[key]
+    return cached_row(ROWS, key, compute, fresh)
 
 
 # -- label noise ---------------------------------------------------------------------------------

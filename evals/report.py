@@ -32,6 +32,17 @@ def write_result(name: str, record: dict) -> Path:
     return path
 
 
+def cached_row(cache: Path, key: str, compute, fresh: bool = False):
+    """``compute()``'s result for ``key``, kept in the JSON file ``cache`` so that an
+    interrupted or extended run recomputes only the rows it lacks (``fresh``: recompute)."""
+    rows = json.loads(cache.read_text()) if cache.exists() else {}
+    if fresh or key not in rows:
+        rows[key] = compute()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(rows, indent=2) + "\n")
+    return rows[key]
+
+
 def write_section(name: str, markdown: str) -> None:
     """Replace (or append) the section between ``<!-- BEGIN name -->`` and ``<!-- END name -->``."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"

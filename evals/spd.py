@@ -18,7 +18,6 @@ schedule's alpha_bar is 2.4e-9: it separates DDPM's end-point trouble from SPD's
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from diffusers import DDPMScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import RESULTS, machine, markdown_table, write_result, write_section  # noqa: E402
+from report import RESULTS, cached_row, machine, markdown_table, write_result, write_section  # noqa: E402
 
 import diffguide as dg  # noqa: E402
 from diffguide.generation import generate_samples  # noqa: E402
@@ -80,46 +79,42 @@ def main() -> None:
     test_images, _ = dg.load_digits("test")
     test_features = extract_features(test_images, judge)
     cells = [tuple(int(v) for v in cell.split(":")) for cell in args.cells.split(",")]
-    cache = RESULTS / "spd_rows.json"
-    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    # the shipped config ("leading" spacing, steps_offset=1) would ask for t = 1000 at full T
+    ddpm_full_t = dg.DigitsPipeline(
+        unet=ddpm.unet, scheduler=DDPMScheduler.from_config(ddpm.scheduler.config, steps_offset=0)
+    )
+    num_train_timesteps = ddpm.scheduler.config.num_train_timesteps
+
+    def measure(name: str, pipe, labels: torch.Tensor, steps: int, steps_taken: int) -> dict:
+        pipe.set_progress_bar_config(disable=True)
+        images = generate_samples(
+            pipe, labels, seed=args.seed, batch_size=args.batch_size, progress=True,
+            guidance_scale=args.scale, num_inference_steps=steps,
+        )  # fmt: skip
+        features = extract_features(images, judge)
+        accuracy = (judge.head(features.float()).argmax(1) == labels).float().mean().item()
+        record = {"model": name, "steps": steps_taken, "samples": len(labels), "judge_accuracy": accuracy,
+                  "domain_fd": feature_frechet_distance(features, test_features)}  # fmt: skip
+        print(record, flush=True)
+        return record
 
     rows, records = [], []
     for steps, n_per_class in cells:
         labels = torch.arange(10).repeat_interleave(n_per_class)
-        models = [("DDPM", ddpm), ("SPD", spd)]
-        if args.ddpm_full_start is not None and steps >= ddpm.scheduler.config.num_train_timesteps:
-            models.insert(1, (f"DDPM from t={args.ddpm_full_start}", _ddpm_from(ddpm, args.ddpm_full_start)))
-        for name, pipe in models:
-            key = f"{name}/{steps}/{len(labels)}/{args.scale:g}/{args.seed}"
-            if key in cached:
-                records.append(cached[key])
-                rows.append([name, steps, len(labels), f"{cached[key]['judge_accuracy']:.1%}",
-                             f"{cached[key]['domain_fd']:.1f}"])  # fmt: skip
-                continue
-            if name == "DDPM" and steps >= pipe.scheduler.config.num_train_timesteps:
-                # "leading" spacing with steps_offset=1 would ask for t = 1000 at full T
-                pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, steps_offset=0)
-            pipe.set_progress_bar_config(disable=True)
-            images = generate_samples(
-                pipe, labels, seed=args.seed, batch_size=args.batch_size, progress=True,
-                guidance_scale=args.scale, num_inference_steps=steps,
-            )  # fmt: skip
-            features = extract_features(images, judge)
-            accuracy = (judge.head(features.float()).argmax(1) == labels).float().mean().item()
-            fd = feature_frechet_distance(features, test_features)
-            records.append(
-                {
-                    "model": name,
-                    "steps": steps,
-                    "samples": len(labels),
-                    "judge_accuracy": accuracy,
-                    "domain_fd": fd,
-                }
+        full_t = steps >= num_train_timesteps
+        models = [("DDPM", ddpm_full_t if full_t else ddpm, steps), ("SPD", spd, steps)]
+        if args.ddpm_full_start is not None and full_t:
+            start = args.ddpm_full_start
+            models.insert(1, (f"DDPM from t={start}", _ddpm_from(ddpm, start), start + 1))
+        for name, pipe, steps_taken in models:
+            record = cached_row(
+                RESULTS / "spd_rows.json",
+                f"{name}/{steps}/{len(labels)}/{args.scale:g}/{args.seed}",
+                lambda: measure(name, pipe, labels, steps, steps_taken),  # noqa: B023 (called at once)
             )
-            rows.append([name, steps, len(labels), f"{accuracy:.1%}", f"{fd:.1f}"])
-            cached[key] = records[-1]
-            cache.write_text(json.dumps(cached, indent=2) + "\n")
-            print(records[-1], flush=True)
+            records.append(record)
+            rows.append([name, record["steps"], len(labels), f"{record['judge_accuracy']:.1%}",
+                         f"{record['domain_fd']:.1f}"])  # fmt: skip
     command = "python evals/spd.py " + " ".join(sys.argv[1:])
     write_result("spd", {"command": command, "machine": machine(), "rows": records})
     write_section(
