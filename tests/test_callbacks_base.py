@@ -160,44 +160,6 @@ class _Classifier(torch.nn.Module):
         return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
 
 
-def test_same_callback_gives_the_same_result_in_the_plain_runner_and_the_trainer(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
-    class SequentialTrainer(CallbackTrainerMixin, Trainer):
-        def _get_train_sampler(self, *args, **kwargs):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    torch.manual_seed(0)
-    trained = _Classifier()
-    plain = copy.deepcopy(trained)
-    _plain_run(plain.linear, Recorder())
-
-    args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=2, learning_rate=0.1,
-        lr_scheduler_type="constant", max_grad_norm=0.0, save_strategy="no", report_to=[], disable_tqdm=True,
-        use_cpu=True, logging_strategy="no", seed=0,
-    )  # fmt: skip
-    recorder = Recorder()
-    trainer = SequentialTrainer(
-        model=trained, args=args, train_dataset=_Dataset(), callbacks=[trainer_callback([recorder])],
-        optimizers=(torch.optim.SGD(trained.parameters(), lr=0.1), None),
-    )  # fmt: skip
-    trainer.train()
-    torch.testing.assert_close(trained.linear.weight, plain.linear.weight)
-    torch.testing.assert_close(trained.linear.bias, plain.linear.bias)
-    assert recorder.calls.count("before_step") == 6 and recorder.calls[0] == "train_begin"
-
-
-class _ItemsClassifier(_Classifier):
-    """Takes ``num_items_in_batch`` (as HF language models do), so ``Trainer`` leaves the
-    accumulated loss un-divided and the model normalises over the whole accumulated batch."""
-
-    def forward(self, x, labels=None, num_items_in_batch=None, **kwargs):
-        logits = self.linear(x)
-        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum") / num_items_in_batch
-        return {"loss": loss, "logits": logits}
-
-
 def _trainer(model, callback, output_dir, **overrides):
     from transformers import Trainer, TrainingArguments
 
@@ -215,6 +177,29 @@ def _trainer(model, callback, output_dir, **overrides):
         model=model, args=TrainingArguments(**settings), train_dataset=_Dataset(),
         callbacks=[trainer_callback([callback])], optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
     )  # fmt: skip
+
+
+def test_same_callback_gives_the_same_result_in_the_plain_runner_and_the_trainer(tmp_path):
+    torch.manual_seed(0)
+    trained = _Classifier()
+    plain = copy.deepcopy(trained)
+    _plain_run(plain.linear, Recorder())
+
+    recorder = Recorder()
+    _trainer(trained, recorder, tmp_path).train()
+    torch.testing.assert_close(trained.linear.weight, plain.linear.weight)
+    torch.testing.assert_close(trained.linear.bias, plain.linear.bias)
+    assert recorder.calls.count("before_step") == 6 and recorder.calls[0] == "train_begin"
+
+
+class _ItemsClassifier(_Classifier):
+    """Takes ``num_items_in_batch`` (as HF language models do), so ``Trainer`` leaves the
+    accumulated loss un-divided and the model normalises over the whole accumulated batch."""
+
+    def forward(self, x, labels=None, num_items_in_batch=None, **kwargs):
+        logits = self.linear(x)
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum") / num_items_in_batch
+        return {"loss": loss, "logits": logits}
 
 
 def test_trainer_with_accumulation_and_a_num_items_model_matches_the_plain_runner(tmp_path):
