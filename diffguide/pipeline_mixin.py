@@ -14,7 +14,7 @@ After a guided call, ``pipe.guidance_stats`` holds its network evaluations (``dg
 from __future__ import annotations
 
 from .guidance import GuidanceRule, make_rule
-from .hooks import guided, stats
+from .hooks import guided, run_call, stats
 
 
 class GuidedPipelineMixin:
@@ -35,6 +35,6 @@ class GuidedPipelineMixin:
             guidance if isinstance(guidance, GuidanceRule) else make_rule(guidance, **(guidance_kwargs or {}))
         )
         with guided(self, rule):
-            output = super().__call__(*args, **kwargs)
+            output = run_call(self, super().__call__, args, kwargs)
             self.guidance_stats = stats(self)
         return output

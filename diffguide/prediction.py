@@ -10,11 +10,18 @@ sees it (after ``scale_model_input``):
 - other variance-preserving schedulers with ``alphas_cumprod`` (DDIM, DDPM, DPM-Solver's
   first step): ``alpha = sqrt(abar_t)``, ``sigma = sqrt(1 - abar_t)``; a non-integer t
   interpolates ``sqrt((1 - abar) / abar)`` linearly, as diffusers' Euler does.
-- flow matching (FlowMatchEuler, SD3): ``x_t = (1 - s) x0 + s noise`` with
-  ``s = timestep / num_train_timesteps``.
+- flow matching (FlowMatchEuler; UniPC / DPM-Solver with ``use_flow_sigmas``):
+  ``x_t = (1 - s) x0 + s noise`` with ``s = sigmas[i]``; at a scheduler timestep,
+  ``s = timestep / num_train_timesteps``. Mochi's ``invert_sigmas`` counts the other way
+  (``s = 1 - sigmas[i]``) and its model predicts the reversed velocity.
 
 Predictions: epsilon ``x0 = (x_t - sigma eps) / alpha``; v ``x0 = alpha x_t - sigma v``;
-sample ``x0 = output``; flow (velocity ``noise - x0``) ``x0 = x_t - s v``.
+sample ``x0 = output``; flow (velocity ``noise - x0``) ``x0 = x_t - s v``; reverse flow
+(``x0 - noise``, Mochi and Lumina2) ``x0 = x_t + s v``.
+
+:func:`alpha_sigma` takes a *scheduler* timestep. The denoiser's own ``timestep`` argument is
+not one on many pipelines (Flux and Qwen pass t/1000, Lumina 1 - t/1000, Sana t x scale), so
+the guidance adapters read the noise level from the scheduler's state with :func:`noise_level`.
 """
 
 from __future__ import annotations
@@ -23,14 +30,21 @@ import torch
 
 from .guidance.base import per_sample
 
-KINDS = ("epsilon", "v_prediction", "sample", "flow")
+KINDS = ("epsilon", "v_prediction", "sample", "flow", "reverse_flow")
+
+
+def uses_flow_sigmas(scheduler) -> bool:
+    """Whether the scheduler's ``sigmas`` are flow-matching noise fractions ``s`` (not VP ratios)."""
+    return "FlowMatch" in type(scheduler).__name__ or bool(getattr(scheduler.config, "use_flow_sigmas", False))
 
 
 def prediction_kind(scheduler) -> str:
     """The prediction type of the model a scheduler drives."""
     if "FlowMatch" in type(scheduler).__name__:
-        return "flow"
+        return "reverse_flow" if getattr(scheduler.config, "invert_sigmas", False) else "flow"
     kind = getattr(scheduler.config, "prediction_type", "epsilon")
+    if kind == "flow_prediction":  # UniPC / DPM-Solver driving a flow model (Wan, Sana, HiDream)
+        return "flow"
     if kind not in KINDS:
         raise ValueError(
             f"unsupported prediction_type {kind!r} of {type(scheduler).__name__}; supported: {KINDS}"
@@ -38,12 +52,30 @@ def prediction_kind(scheduler) -> str:
     return kind
 
 
+def noise_level(scheduler, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (alpha, sigma) of ``x_t`` at step ``index`` of the scheduler's own ``sigmas``
+    (shape (1,)); :func:`alpha_sigma` at ``timesteps[index]`` where it keeps none (DDIM, DDPM)."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if isinstance(sigmas, torch.Tensor) and 0 <= index < len(sigmas):
+        value = sigmas[index].to(torch.float64).cpu().reshape(1)
+        if uses_flow_sigmas(scheduler):
+            s = 1 - value if getattr(scheduler.config, "invert_sigmas", False) else value
+            return 1 - s, s
+        alpha = 1 / (1 + value**2).sqrt()
+        return alpha, value * alpha
+    timesteps = getattr(scheduler, "timesteps", None)
+    if not isinstance(timesteps, torch.Tensor) or not 0 <= index < len(timesteps):
+        raise ValueError(f"{type(scheduler).__name__} has no sigma or timestep for step {index}")
+    return alpha_sigma(scheduler, timesteps[index])
+
+
 def alpha_sigma(scheduler, timestep: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 (alpha, sigma) of ``x_t`` at ``timestep`` (a number or a tensor of them)."""
+    """float64 (alpha, sigma) of ``x_t`` at the scheduler timestep ``timestep`` (a number or a
+    tensor of them)."""
     t = torch.as_tensor(timestep, dtype=torch.float64).detach().cpu().reshape(-1)
-    if prediction_kind(scheduler) == "flow":
+    if uses_flow_sigmas(scheduler):  # their timesteps are s x num_train_timesteps
         s = t / scheduler.config.num_train_timesteps
-        return 1 - s, s
+        return (s, 1 - s) if getattr(scheduler.config, "invert_sigmas", False) else (1 - s, s)
     sigmas, index = getattr(scheduler, "sigmas", None), getattr(scheduler, "step_index", None)
     if isinstance(sigmas, torch.Tensor) and index is not None and index < len(sigmas):
         # k-diffusion-style schedulers (Euler, Heun, DPM-Solver) know the current step's
@@ -81,6 +113,8 @@ def to_denoised(
         return output
     if kind == "flow":
         return sample - s * output
+    if kind == "reverse_flow":
+        return sample + s * output
     raise ValueError(f"unknown prediction kind {kind!r}; supported: {KINDS}")
 
 
@@ -97,4 +131,6 @@ def from_denoised(
         return denoised
     if kind == "flow":
         return (sample - denoised) / s
+    if kind == "reverse_flow":
+        return (denoised - sample) / s
     raise ValueError(f"unknown prediction kind {kind!r}; supported: {KINDS}")

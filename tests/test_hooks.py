@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
-from tiny_pipelines import tiny_pixart, tiny_sd, tiny_sd3, tiny_sdxl
+from tiny_pipelines import tiny_sd, tiny_sd3, tiny_sdxl
 
 import diffguide as dg
 from diffguide.guidance.linear_ag import paper_schedule
@@ -206,10 +206,15 @@ def test_per_sample_skipping_gives_the_images_of_each_sample_alone(default_pipe)
 
 
 def test_unsupported_pipelines_and_rules_are_refused(tiny_pipe):
-    with pytest.raises(
-        TypeError, match="PixArtAlphaPipeline is not supported.*Supported: StableDiffusionPipeline"
-    ):
-        dg.apply(tiny_pixart(), dg.CFG())
+    from diffusers import DiffusionPipeline
+
+    class HomeMadePipeline(DiffusionPipeline):  # a pipeline whose CFG diffguide has not read
+        def __init__(self, unet):
+            super().__init__()
+            self.register_modules(unet=unet)
+
+    with pytest.raises(TypeError, match="HomeMadePipeline is not supported.*StableDiffusionPipeline"):
+        dg.apply(HomeMadePipeline(tiny_pipe.unet), dg.CFG())
     with pytest.raises(TypeError, match="expected a diffguide guidance rule"):
         dg.apply(tiny_pipe, lambda c, u: c)
 
@@ -258,11 +263,11 @@ def test_img2img_runs_the_steps_of_its_own_schedule():
 
 
 def test_list_arguments_are_sliced_like_tensors():
-    from diffguide.hooks import _select_rows
+    from diffguide.adapters.core import select_rows
 
     index = torch.tensor([1, 2, 3])
     value = {"image_embeds": [torch.arange(4.0), torch.zeros(2)], "scale": 1.0}
-    selected = _select_rows(value, 4, index)
+    selected = select_rows(value, 4, index)
     assert selected["image_embeds"][0].tolist() == [1.0, 2.0, 3.0] and selected["image_embeds"][1].shape == (
         2,
     )

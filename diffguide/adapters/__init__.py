@@ -1,0 +1,8 @@
+"""Adapters between diffusers pipelines and guidance rules, one file per way a pipeline does CFG.
+
+- ``support.py``: the table of pipeline classes, their kind, where their scale lives, quirks,
+  and the reasons for refusals;
+- ``core.py``: the shared session (per-call reset, the step a rule sees, x0 conversion, NFE);
+- ``batched.py``: one denoiser call on ``[uncond, cond]`` (or ``[cond, uncond]``) rows;
+- ``two_call.py``: a conditional and an unconditional call per step.
+"""

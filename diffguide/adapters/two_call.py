@@ -1,0 +1,142 @@
+"""The adapter for pipelines that call the denoiser twice per step: conditional, then unconditional.
+
+Flux (true CFG), Flux2-Klein, Qwen-Image, HunyuanVideo, CogView4, Wan, Chroma, Lumina2, Cosmos 2
+and Kandinsky 5 run ``c = f(x, cond)`` and ``u = f(x, uncond)`` as separate calls and combine
+``u + s (c - u)`` themselves (then, on Qwen-Image and Lumina2, renormalise per token to ``|c|``).
+
+Branches are told apart by the ``cache_context`` name diffusers pushes into stateful hooks
+(``"cond"``/``"uncond"``, or a guider's ``"pred_cond"``/``"pred_uncond"``); where a pipeline sets
+none, the first call at a timestep is the conditional one and a second call at the same
+timestep the unconditional one.
+
+On the conditional call the hook asks the rule which samples need ``u`` and returns ``c``
+untouched. On the unconditional call it runs the network on those samples only (none at all
+when no sample needs it), lets the rule form ``g``, and returns
+
+    u' = (g - s c) / (1 - s)          (s > 1, computed in float64)
+
+so that the pipeline's own ``u' + s (c - u')`` is ``g``; a sample whose ``g`` is ``c`` gets
+``u' = c`` exactly. The pipeline's later steps (renormalisation, negation, the scheduler) run on
+``g`` as they would on CFG's result. Rounding: casting ``u'`` to the model dtype adds
+``(s - 1) eps |u'|`` to ``g`` (measured in docs/pipelines.md: about 1e-7 relative in fp32,
+1e-2 in bf16 at s = 5, the size of the pipeline's own bf16 CFG rounding).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+
+from .core import GuidanceSession, leading, prediction_of, select_arguments, with_prediction
+
+COND_NAMES = ("cond", "pred_cond")
+UNCOND_NAMES = ("uncond", "pred_uncond")
+
+
+class _NoState(BaseState):
+    def reset(self, *args, **kwargs) -> None:
+        pass
+
+
+def return_through_formula(
+    guided: torch.Tensor, cond: torch.Tensor, scale: float, exact_rows: torch.Tensor
+) -> torch.Tensor:
+    """``u'`` with ``u' + scale (cond - u') == guided``: ``cond`` on ``exact_rows`` (where
+    ``guided`` is ``cond``), ``(guided - scale cond) / (1 - scale)`` in float64 elsewhere."""
+    if scale == 1:
+        raise ValueError("a pipeline applying CFG at scale 1 ignores its unconditional prediction")
+    inverted = ((guided.double() - scale * cond.double()) / (1 - scale)).to(cond.dtype)
+    keep = exact_rows.to(cond.device).reshape(-1, *([1] * (cond.ndim - 1)))
+    return torch.where(keep, cond, inverted)
+
+
+class TwoCallGuidanceHook(ModelHook):
+    """``ModelHook`` running a session's rule on a denoiser called once per branch."""
+
+    _is_stateful = True  # so that diffusers pushes cache_context names into ``self.context``
+
+    def __init__(self, session: GuidanceSession, component: str):
+        super().__init__()
+        self.session = session
+        self.component = component
+        self.context = StateManager(_NoState)
+        self._signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._signature = inspect.signature(module.forward)
+        return module
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def _branch(self, timestep: float) -> str:
+        context = self.context._context
+        if context is not None:
+            if context.name in COND_NAMES:
+                return "cond"
+            if context.name in UNCOND_NAMES:
+                return "uncond"
+            raise RuntimeError(
+                f"{self.session.class_name} called its denoiser under cache_context({context.name!r}), which is "
+                "neither a conditional nor an unconditional branch; diffguide cannot tell what it guides"
+            )
+        pending = self.session.pending
+        same_step = pending is not None and pending["component"] == self.component
+        return "uncond" if same_step and pending["timestep"] == timestep else "cond"
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        session = self.session
+        original = self.fn_ref.original_forward
+        bound = self._signature.bind(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        sample = next(iter(arguments.values()))
+        rows = sample.shape[0]
+        timestep = arguments.get("timestep", arguments.get("timesteps"))
+        first_t = float(torch.as_tensor(timestep).reshape(-1)[0]) if timestep is not None else 0.0
+
+        if self._branch(first_t) == "cond":
+            session.finish_pending()  # the previous step ran without an unconditional call
+            session.start_step(first_t, rows)
+            output = original(*args, **kwargs)
+            if not session.cfg_active(self.component):
+                session.end_step(None)
+                return output
+            step = session.guidance_step(self.component, rows, first_t)
+            session.pending = {
+                "component": self.component,
+                "timestep": first_t,
+                "step": step,
+                "uncond_mask": session.uncond_mask(step),
+                "cond": prediction_of(output),
+                "x_t": sample,
+                "output": output,
+            }
+            return output
+
+        pending = session.pending
+        if pending is None:
+            raise RuntimeError(
+                f"{session.class_name} made an unconditional denoiser call without a conditional one before it"
+            )
+        session.pending = None
+        step, uncond_mask, cond = pending["step"], pending["uncond_mask"], pending["cond"]
+        output = pending["output"]
+        uncond = cond.clone()
+        if uncond_mask.any():
+            if uncond_mask.all():
+                output = original(*args, **kwargs)
+                uncond = prediction_of(output)
+            else:
+                index = uncond_mask.nonzero().flatten()
+                bound.arguments.update(select_arguments(arguments, rows, index, session.support))
+                output = original(*bound.args, **bound.kwargs)
+                uncond[uncond_mask.to(cond.device)] = prediction_of(output)
+        session.end_step(uncond_mask)
+        guided = session.combine(cond, uncond, uncond_mask, leading(pending["x_t"], cond), step)
+        exact = (guided == cond).flatten(1).all(dim=1).cpu()
+        if output is pending["output"] or prediction_of(output).shape != cond.shape:
+            output = pending["output"]  # no full unconditional output to reuse: the conditional's type
+        return with_prediction(output, return_through_formula(guided, cond, step.guidance_scale, exact))
