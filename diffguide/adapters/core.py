@@ -40,17 +40,12 @@ def select_rows(value: Any, rows: int, index: torch.Tensor) -> Any:
 def select_arguments(
     arguments: dict[str, Any], rows: int, index: torch.Tensor, support: PipelineSupport
 ) -> dict[str, Any]:
-    """The denoiser's bound arguments restricted to the rows ``index``: batch tensors (nested in
-    dicts and lists too) and the table's per-sample lists; the table's unbatched ones untouched."""
-    selected = {}
-    for name, value in arguments.items():
-        if name in support.unbatched:
-            selected[name] = value
-        elif name in support.batch_lists and isinstance(value, list | tuple) and len(value) == rows:
-            selected[name] = type(value)(value[i] for i in index.tolist())
-        else:
-            selected[name] = select_rows(value, rows, index)
-    return selected
+    """The denoiser's bound arguments restricted to the rows ``index``: batch tensors, nested in
+    dicts and lists too; the table's unbatched arguments (Flux's position ids) untouched."""
+    return {
+        name: value if name in support.unbatched else select_rows(value, rows, index)
+        for name, value in arguments.items()
+    }
 
 
 def prediction_of(output: Any) -> torch.Tensor:

@@ -46,8 +46,6 @@ class PipelineSupport:
     negated_output: bool = False
     #: denoiser arguments without a batch dimension (never row-sliced)
     unbatched: tuple[str, ...] = ()
-    #: list arguments with one entry per sample (row-sliced like tensors)
-    batch_lists: tuple[str, ...] = ()
     #: what else a reader should know (renormalisation, truncation, ...): kept working as is
     quirks: tuple[str, ...] = ()
     #: refused: why, and what to do instead
@@ -101,19 +99,16 @@ PIPELINES: dict[str, PipelineSupport] = {
     "QwenImagePipeline": _two_call(
         scale=_TRUE_CFG,
         needs_negative=True,
-        batch_lists=("img_shapes", "txt_seq_lens"),
         quirks=("per-token renormalisation to |c| applied by the pipeline on the rule's result",),
     ),
     "QwenImageEditPipeline": _two_call(
         scale=_TRUE_CFG,
         needs_negative=True,
-        batch_lists=("img_shapes", "txt_seq_lens"),
         quirks=("image tokens concatenated and sliced off by the pipeline", "per-token renormalisation"),
     ),
     "QwenImageEditPlusPipeline": _two_call(
         scale=_TRUE_CFG,
         needs_negative=True,
-        batch_lists=("img_shapes", "txt_seq_lens"),
         quirks=("image tokens concatenated and sliced off by the pipeline", "per-token renormalisation"),
     ),
     "HunyuanVideoPipeline": _two_call(scale=_TRUE_CFG, needs_negative=True),

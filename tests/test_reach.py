@@ -1,0 +1,199 @@
+"""Every rule on every pipeline diffguide serves: tiny offline builds of each pipeline kind.
+
+For each pipeline (2 prompts, negative prompts, 2 images per prompt where it takes them):
+CFG through diffguide equals the untouched pipeline (bit-identical on batched pipelines, 1e-6
+relative on two-call ones, which return through the pipeline's own formula); APG at eta=1 without
+cap or momentum and AG above 1 equal CFG to 1e-5 relative; ``remove`` restores bit-identical
+output; NFE counts equal a count of the rows the network's first layer sees; a sample whose
+unconditional branch is skipped gets the image it gets when every sample skips, while the others
+keep CFG's. ``measured`` collects the errors for docs/pipelines.md (evals/pipelines_matrix.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import tiny_batched
+import tiny_flow_two_call
+import tiny_video_two_call
+from tiny_pipelines import tiny_pixart, tiny_sd, tiny_sd3, tiny_sdxl
+
+import diffguide as dg
+from diffguide.adapters.support import support_for
+from diffguide.guidance.base import GuidanceRule, cfg_combine
+
+NO_CAP = math.inf
+STEPS = 4
+_TEXT = {"prompt": ["a cat", "a dog"], "negative_prompt": ["bad", "ugly"], "num_images_per_prompt": 2}
+
+ZOO = {
+    "sd": (tiny_sd, {**_TEXT, "guidance_scale": 5.0, "output_type": "latent"}),
+    "sd-v": (lambda: tiny_sd("v_prediction"), {**_TEXT, "guidance_scale": 5.0, "output_type": "latent"}),
+    "sdxl": (tiny_sdxl, {**_TEXT, "guidance_scale": 5.0, "output_type": "latent"}),
+    "sd3": (tiny_sd3, {**_TEXT, "guidance_scale": 5.0, "output_type": "latent"}),
+    "pixart-alpha": (tiny_pixart, {**_TEXT, "guidance_scale": 5.0, "output_type": "latent"}),
+    **tiny_batched.CASES,
+    **tiny_flow_two_call.CASES,
+    **tiny_video_two_call.CASES,
+}
+#: what the tests measured, per case and check: max |error| / max |reference|
+measured: dict[str, dict[str, float]] = {}
+_BUILT: dict[str, object] = {}
+
+
+def _output(result) -> torch.Tensor:
+    for name in ("images", "frames", "videos"):
+        value = getattr(result, name, None)
+        if value is not None:
+            return torch.as_tensor(value) if not isinstance(value, torch.Tensor) else value
+    return result[0]
+
+
+class Case:
+    """A built pipeline, one call's arguments, and a row counter on its network's first layer."""
+
+    def __init__(self, name: str):
+        self.name = name
+        if name not in _BUILT:
+            _BUILT[name] = ZOO[name][0]()
+        self.pipe = _BUILT[name]
+        dg.remove(self.pipe)
+        self.kwargs = dict(ZOO[name][1])
+        self.kind = support_for(self.pipe)[1].kind
+        self.rows = 0
+        self._handles = []
+        self._first_layers()
+
+    def _first_layers(self) -> None:
+        """Find, for each denoiser, the first submodule its forward runs, and count its rows."""
+        names = ("unet", "transformer", "transformer_2")
+        denoisers = [getattr(self.pipe, n) for n in names if isinstance(getattr(self.pipe, n, None), torch.nn.Module)]
+        orders: list[list[torch.nn.Module]] = [[] for _ in denoisers]
+        probes = [
+            module.register_forward_pre_hook(lambda m, a, k, order=order: order.append(m), with_kwargs=True)
+            for denoiser, order in zip(denoisers, orders, strict=True)
+            for module in denoiser.modules()
+            if module is not denoiser
+        ]
+        try:
+            self.run()
+        finally:
+            for probe in probes:
+                probe.remove()
+        for order in orders:
+            assert order, f"{self.name}: a denoiser never ran"
+            self._handles.append(order[0].register_forward_pre_hook(self._count, with_kwargs=True))
+
+    def _count(self, module, args, kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.ndim > 0]
+        self.rows += tensors[0].shape[0]
+
+    def run(self, steps: int = STEPS, **extra) -> torch.Tensor:
+        self.rows = 0
+        kwargs = {**self.kwargs, "num_inference_steps": steps, **extra}
+        return _output(self.pipe(**kwargs, generator=torch.Generator().manual_seed(0)))
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        dg.remove(self.pipe)
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((output.double() - reference.double()).abs().max() / reference.double().abs().max().clamp_min(1e-12))
+
+
+def record(case: Case, check: str, value: float) -> None:
+    measured.setdefault(case.name, {})[check] = value
+
+
+@pytest.fixture(params=list(ZOO))
+def case(request) -> Case:
+    built = Case(request.param)
+    yield built
+    built.close()
+
+
+def test_cfg_through_diffguide_equals_the_pipeline(case):
+    reference = case.run()
+    with dg.guided(case.pipe, dg.CFG()):
+        guided = case.run()
+    error = relative_error(guided, reference)
+    record(case, "cfg", error)
+    if case.kind == "batched":
+        assert torch.equal(guided, reference)
+    else:
+        assert error <= 1e-6
+
+
+def test_cfg_matters_in_every_case(case):
+    """Guards the identities below against a build whose cond equals its uncond."""
+    with dg.guided(case.pipe, dg.GuidanceInterval(sigma_lo=1e8, sigma_hi=1e9)):  # never guides
+        unguided = case.run()
+    assert relative_error(unguided, case.run()) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [dg.APG(eta=1.0, norm_threshold=NO_CAP, momentum=0.0), dg.AdaptiveGuidance(threshold=1.01)],
+    ids=["apg-off", "ag-never"],
+)
+def test_rules_at_their_off_settings_equal_cfg(case, rule):
+    reference = case.run()
+    with dg.guided(case.pipe, rule):
+        guided = case.run()
+        nfe = dg.stats(case.pipe)["nfe"]
+    error = relative_error(guided, reference)
+    record(case, type(rule).__name__, error)
+    assert error <= 1e-5
+    assert nfe == 2 * STEPS
+
+
+def test_remove_restores_the_untouched_pipeline(case):
+    reference = case.run()
+    cls = type(case.pipe)
+    dg.apply(case.pipe, dg.APG())
+    case.run()
+    dg.remove(case.pipe)
+    assert type(case.pipe) is cls
+    assert torch.equal(case.run(), reference)
+
+
+def test_nfe_counts_equal_the_rows_the_network_sees(case):
+    rule = dg.AdaptiveGuidance(threshold=-1.0, min_steps=2)  # every sample guides steps 0-2, then stops
+    with dg.guided(case.pipe, rule):
+        case.run()
+        stats = dg.stats(case.pipe)
+    batch = len(stats["nfe_per_sample"])
+    assert stats["nfe_per_sample"] == [2 * 3 + (STEPS - 3)] * batch
+    assert case.rows == sum(stats["nfe_per_sample"])
+    assert stats["steps"] == STEPS
+
+
+class _SkipOddSamples(GuidanceRule):
+    """CFG for even samples; odd samples never get an unconditional evaluation (guided = cond)."""
+
+    def uncond_mask(self, batch_size, step):
+        return torch.arange(batch_size) % 2 == 0
+
+    def combine(self, cond, uncond, uncond_mask, step):
+        mask = uncond_mask.to(cond.device).reshape(-1, *([1] * (cond.ndim - 1)))
+        return torch.where(mask, cfg_combine(cond, uncond, step.guidance_scale), cond)
+
+
+def test_per_sample_skipping_gives_each_sample_its_own_image(case):
+    with dg.guided(case.pipe, dg.CFG()):
+        guided = case.run()
+    with dg.guided(case.pipe, dg.GuidanceInterval(sigma_lo=1e8, sigma_hi=1e9)):
+        unguided = case.run()
+    with dg.guided(case.pipe, _SkipOddSamples()):
+        mixed = case.run()
+        nfe = dg.stats(case.pipe)["nfe_per_sample"]
+    assert nfe == [2 * STEPS if i % 2 == 0 else STEPS for i in range(len(nfe))]
+    assert case.rows == sum(nfe)
+    even, odd = slice(0, None, 2), slice(1, None, 2)
+    error = max(relative_error(mixed[even], guided[even]), relative_error(mixed[odd], unguided[odd]))
+    record(case, "skipping", error)
+    assert error <= 1e-5
