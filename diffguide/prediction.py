@@ -35,7 +35,9 @@ KINDS = ("epsilon", "v_prediction", "sample", "flow", "reverse_flow")
 
 def uses_flow_sigmas(scheduler) -> bool:
     """Whether the scheduler's ``sigmas`` are flow-matching noise fractions ``s`` (not VP ratios)."""
-    return "FlowMatch" in type(scheduler).__name__ or bool(getattr(scheduler.config, "use_flow_sigmas", False))
+    return "FlowMatch" in type(scheduler).__name__ or bool(
+        getattr(scheduler.config, "use_flow_sigmas", False)
+    )
 
 
 def prediction_kind(scheduler) -> str:

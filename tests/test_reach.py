@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 import tiny_batched
 import tiny_flow_two_call
 import tiny_video_two_call
+import torch
 from tiny_pipelines import tiny_pixart, tiny_sd, tiny_sd3, tiny_sdxl
 
 import diffguide as dg
@@ -69,7 +69,9 @@ class Case:
     def _first_layers(self) -> None:
         """Find, for each denoiser, the first submodule its forward runs, and count its rows."""
         names = ("unet", "transformer", "transformer_2")
-        denoisers = [getattr(self.pipe, n) for n in names if isinstance(getattr(self.pipe, n, None), torch.nn.Module)]
+        denoisers = [
+            getattr(self.pipe, n) for n in names if isinstance(getattr(self.pipe, n, None), torch.nn.Module)
+        ]
         orders: list[list[torch.nn.Module]] = [[] for _ in denoisers]
         probes = [
             module.register_forward_pre_hook(lambda m, a, k, order=order: order.append(m), with_kwargs=True)
@@ -102,7 +104,9 @@ class Case:
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((output.double() - reference.double()).abs().max() / reference.double().abs().max().clamp_min(1e-12))
+    return float(
+        (output.double() - reference.double()).abs().max() / reference.double().abs().max().clamp_min(1e-12)
+    )
 
 
 def record(case: Case, check: str, value: float) -> None:

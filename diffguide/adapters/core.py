@@ -125,7 +125,9 @@ class GuidanceSession:
             return
         args = self.call_arguments
         scale = self.pipeline_scale("*")
-        has_negative = args.get("negative_prompt") is not None or args.get("negative_prompt_embeds") is not None
+        has_negative = (
+            args.get("negative_prompt") is not None or args.get("negative_prompt_embeds") is not None
+        )
         if not (scale > 1 and has_negative):
             raise ValueError(
                 f"{self.class_name} runs true CFG only with true_cfg_scale > 1 and a negative prompt "
