@@ -239,11 +239,30 @@ class GuidanceSession:
         x_t: torch.Tensor,
         step: GuidanceStep,
     ) -> torch.Tensor:
-        """The rule's guided model output; x0-space rules get float64 denoised predictions."""
-        if self.rule.space != "denoised":
-            return self.rule.combine(cond, uncond, uncond_mask, step)
+        """The rule's guided model output (see :func:`combine_in_space`)."""
+        if self.rule.space == "denoised" and self.support.x0_refused:
+            raise ValueError(
+                f"{self.rule!r} works on denoised (x0) predictions, which diffguide cannot form on "
+                f"{self.class_name}: {self.support.x0_refused}; use the rule with space='model_output'"
+            )
         kind = "reverse_flow" if self.support.negated_output else prediction_kind(self.pipe.scheduler)
-        x_t = x_t.double()
-        c0, u0 = (to_denoised(p.double(), x_t, step.alpha, step.sigma, kind) for p in (cond, uncond))
-        guided = self.rule.combine(c0, u0, uncond_mask, step)
-        return from_denoised(guided, x_t, step.alpha, step.sigma, kind).to(cond.dtype)
+        return combine_in_space(self.rule, cond, uncond, uncond_mask, x_t, step, kind)
+
+
+def combine_in_space(
+    rule: GuidanceRule,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    uncond_mask: torch.Tensor,
+    x_t: torch.Tensor,
+    step: GuidanceStep,
+    kind: str,
+) -> torch.Tensor:
+    """``rule.combine`` in the rule's space, returned as a model output: x0-space rules get
+    float64 denoised predictions of the ``kind`` model at ``x_t`` (step's alpha/sigma)."""
+    if rule.space != "denoised":
+        return rule.combine(cond, uncond, uncond_mask, step)
+    x_t = x_t.double()
+    c0, u0 = (to_denoised(p.double(), x_t, step.alpha, step.sigma, kind) for p in (cond, uncond))
+    guided = rule.combine(c0, u0, uncond_mask, step)
+    return from_denoised(guided, x_t, step.alpha, step.sigma, kind).to(cond.dtype)

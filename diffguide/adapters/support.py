@@ -44,6 +44,8 @@ class PipelineSupport:
     min_scale: float = 1.0
     #: the pipeline negates the model output before the scheduler (Lumina2): x0 rules flip it
     negated_output: bool = False
+    #: x0-space rules refused, with the reason (the pipeline preconditions the output itself)
+    x0_refused: str = ""
     #: denoiser arguments without a batch dimension (never row-sliced)
     unbatched: tuple[str, ...] = ()
     #: what else a reader should know (renormalisation, truncation, ...): kept working as is
@@ -128,7 +130,11 @@ PIPELINES: dict[str, PipelineSupport] = {
     ),
     "Kandinsky5T2VPipeline": _two_call(),
     "Kandinsky5T2IPipeline": _two_call(),
-    "Cosmos2TextToImagePipeline": _two_call(scale_offset=1.0, quirks=("c + w (c - u): scale w+1",)),
+    "Cosmos2TextToImagePipeline": _two_call(
+        scale_offset=1.0,
+        x0_refused="its transformer output is EDM-preconditioned inside the pipeline (x0 = c_skip x + c_out F)",
+        quirks=("c + w (c - u) on x0: a rule sees scale w+1; the affine x0 map commutes with it",),
+    ),
     # --- refused ---------------------------------------------------------------------------------
     "FluxKontextPipeline": _refused(
         "its two calls carry the reference image's tokens, which the pipeline slices off between the "
