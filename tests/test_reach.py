@@ -21,7 +21,7 @@ import torch
 from tiny_pipelines import tiny_pixart, tiny_sd, tiny_sd3, tiny_sdxl
 
 import diffguide as dg
-from diffguide.adapters.support import support_for
+from diffguide.adapters.support import PIPELINES, support_for
 from diffguide.guidance.base import GuidanceRule, cfg_combine
 
 NO_CAP = math.inf
@@ -208,3 +208,75 @@ def test_per_sample_skipping_gives_each_sample_its_own_image(case):
     error = max(relative_error(mixed[even], guided[even]), relative_error(mixed[odd], unguided[odd]))
     record(case, "skipping", error)
     assert error <= 1e-5
+
+
+class _ConditionalX0(GuidanceRule):
+    """Returns the conditional x0 prediction and keeps it: a flow model's last Euler (or
+    DPM-Solver) step lands on the x0 the scheduler derives, so the pipeline's final latents
+    equal it only if diffguide's noise level is the scheduler's."""
+
+    space = "denoised"
+
+    def uncond_mask(self, batch_size, step):
+        return torch.zeros(batch_size, dtype=torch.bool)
+
+    def combine(self, cond, uncond, uncond_mask, step):
+        self.last = cond
+        return cond
+
+
+@pytest.mark.parametrize("name", ["flux", "qwenimage", "auraflow", "mochi", "sana", "sana-flow", "wan-unipc"])
+def test_denoised_prediction_is_the_schedulers_own_x0(name):
+    case = Case(name)
+    rule = _ConditionalX0()
+    try:
+        with dg.guided(case.pipe, rule):
+            final = case.run()
+    finally:
+        case.close()
+    assert final.shape == rule.last.shape
+    error = relative_error(final, rule.last)
+    measured.setdefault(name, {})["x0"] = error
+    assert error <= 1e-5
+
+
+@pytest.mark.parametrize("class_name", [n for n, entry in PIPELINES.items() if entry.kind == "refused"])
+def test_every_refused_pipeline_gets_one_line_naming_why_and_what_to_do(class_name):
+    pipe = type(class_name, (), {})()  # the table is keyed by class name along the MRO
+    with pytest.raises(TypeError, match=f"^{class_name} is not supported: ") as error:
+        dg.apply(pipe, dg.CFG())
+    message = str(error.value)
+    assert "\n" not in message
+    assert any(word in message for word in ("use ", "call ", "nothing to guide"))
+
+
+def test_flux_without_true_cfg_is_refused_with_the_fix():
+    case = Case("flux")
+    try:
+        with dg.guided(case.pipe, dg.APG()):
+            with pytest.raises(ValueError, match="pass true_cfg_scale > 1 and a negative_prompt"):
+                case.run(negative_prompt=None)
+            with pytest.raises(ValueError, match="true_cfg_scale=1"):
+                case.run(true_cfg_scale=1.0)
+    finally:
+        case.close()
+
+
+def test_a_cfg_off_two_call_pipeline_passes_through_at_scale_one():
+    """Wan at guidance_scale=1 runs no unconditional call; every rule is the conditional then."""
+    case = Case("wan")
+    try:
+        reference = case.run(guidance_scale=1.0)
+        with dg.guided(case.pipe, dg.APG()):
+            assert torch.equal(case.run(guidance_scale=1.0), reference)
+            assert dg.stats(case.pipe)["nfe"] == STEPS
+    finally:
+        case.close()
+
+
+def test_modular_pipelines_are_pointed_to_the_guider_face():
+    from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
+
+    pipe = StableDiffusionXLAutoBlocks().init_pipeline()
+    with pytest.raises(TypeError, match="update_components\\(guider=dg.as_guider\\(rule\\)\\)"):
+        dg.apply(pipe, dg.CFG())

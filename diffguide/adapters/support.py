@@ -165,7 +165,8 @@ PIPELINES: dict[str, PipelineSupport] = {
         "served: use Cosmos2TextToImagePipeline"
     ),
     "Kandinsky6TI2VAPipeline": _refused(
-        "its denoiser returns (video, audio) tuples combined separately; a one-output rule cannot serve it"
+        "its denoiser returns (video, audio) tuples combined separately, which a one-output rule cannot "
+        "serve: call the pipeline without diffguide"
     ),
     "SanaSprintPipeline": _refused("Sana-Sprint is guidance-distilled (no CFG): there is nothing to guide"),
     "HunyuanVideo15Pipeline": _refused(
