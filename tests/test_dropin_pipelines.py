@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import tiny_flow_two_call
 import torch
 from diffusers import DiffusionPipeline
 from tiny_pipelines import tiny_sd, tiny_sd3, tiny_sdxl
@@ -12,10 +13,18 @@ import diffguide as dg
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 APG_AS_CFG = {"eta": 1.0, "norm_threshold": float("inf"), "momentum": 0.0}
 
+_SD_CALL = {"prompt": ["a cat", "a dog"], "guidance_scale": 5.0, "output_type": "latent"}
+#: file: (builder, from_pretrained kwargs, call kwargs)
 CASES = {
-    "guided_stable_diffusion": (tiny_sd, {}),
-    "guided_stable_diffusion_xl": (tiny_sdxl, {}),
-    "guided_stable_diffusion_3": (tiny_sd3, {"text_encoder_3": None, "tokenizer_3": None}),
+    "guided_stable_diffusion": (tiny_sd, {}, _SD_CALL),
+    "guided_stable_diffusion_xl": (tiny_sdxl, {}, _SD_CALL),
+    "guided_stable_diffusion_3": (tiny_sd3, {"text_encoder_3": None, "tokenizer_3": None}, _SD_CALL),
+    "guided_flux": (tiny_flow_two_call.CASES["flux"][0], {}, tiny_flow_two_call.CASES["flux"][1]),
+    "guided_qwenimage": (
+        tiny_flow_two_call.CASES["qwenimage"][0],
+        {},
+        tiny_flow_two_call.CASES["qwenimage"][1],
+    ),
 }
 
 
@@ -30,15 +39,11 @@ def _reload(pipe, tmp_path, file: str, **load_kwargs):
 
 @pytest.mark.parametrize("file", list(CASES))
 def test_dropin_pipeline_takes_guidance_arguments(file, tmp_path):
-    build, load_kwargs = CASES[file]
+    build, load_kwargs, call_kwargs = CASES[file]
     pipe = _reload(build(), tmp_path, file, **load_kwargs)
     assert type(pipe).__name__.startswith("Guided")
-    kwargs = {
-        "prompt": ["a cat", "a dog"],
-        "num_inference_steps": 3,
-        "guidance_scale": 5.0,
-        "output_type": "latent",
-    }
+    kwargs = {**call_kwargs, "num_inference_steps": 3}
+    batch = len(kwargs["prompt"]) * kwargs.get("num_images_per_prompt", 1)
 
     def run(**extra):
         return pipe(**kwargs, generator=torch.Generator().manual_seed(0), **extra).images
@@ -47,7 +52,7 @@ def test_dropin_pipeline_takes_guidance_arguments(file, tmp_path):
     as_cfg = run(guidance="apg", guidance_kwargs=APG_AS_CFG)
     assert (as_cfg - plain).abs().max() <= 1e-5 * max(1.0, float(plain.abs().max()))
     run(guidance="ag", guidance_kwargs={"threshold": -1.0})
-    assert pipe.guidance_stats["nfe"] == 2 + 1 + 1
+    assert pipe.guidance_stats["nfe_per_sample"] == [2 + 1 + 1] * batch
     assert torch.equal(run(), plain)  # the hook is gone after a guided call
 
 
