@@ -15,8 +15,9 @@ when no sample needs it), lets the rule form ``g``, and returns
 
     u' = (g - s c) / (1 - s)          (s > 1, computed in float64)
 
-so that the pipeline's own ``u' + s (c - u')`` is ``g``; a sample whose ``g`` is ``c`` gets
-``u' = c`` exactly. The pipeline's later steps (renormalisation, negation, the scheduler) run on
+so that the pipeline's own ``u' + s (c - u')`` is ``g``. Two cases are exact: a sample whose
+``g`` is ``c`` gets ``u' = c``, and one whose ``g`` is bit for bit CFG's ``u + s (c - u)`` gets
+its real ``u`` back, so CFG through diffguide is the pipeline's own output in any dtype. The pipeline's later steps (renormalisation, negation, the scheduler) run on
 ``g`` as they would on CFG's result. Rounding: casting ``u'`` to the model dtype adds
 ``(s - 1) eps |u'|`` to ``g`` (measured in docs/pipelines.md: about 1e-7 relative in fp32,
 1e-2 in bf16 at s = 5, the size of the pipeline's own bf16 CFG rounding).
@@ -30,6 +31,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
+from ..guidance.base import cfg_combine
 from .core import GuidanceSession, leading, prediction_of, select_arguments, with_prediction
 
 COND_NAMES = ("cond", "pred_cond")
@@ -41,16 +43,25 @@ class _NoState(BaseState):
         pass
 
 
+def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
+
+
 def return_through_formula(
-    guided: torch.Tensor, cond: torch.Tensor, scale: float, exact_rows: torch.Tensor
+    guided: torch.Tensor, cond: torch.Tensor, scale: float, uncond: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``u'`` with ``u' + scale (cond - u') == guided``: ``cond`` on ``exact_rows`` (where
-    ``guided`` is ``cond``), ``(guided - scale cond) / (1 - scale)`` in float64 elsewhere."""
+    """``u'`` with ``u' + scale (cond - u') == guided``, per sample: ``cond`` where ``guided`` is
+    ``cond``; the real ``uncond`` where ``guided`` is bit for bit CFG's ``uncond + scale (cond -
+    uncond)`` (so CFG's samples are the pipeline's own, in any dtype); elsewhere
+    ``(guided - scale cond) / (1 - scale)``, computed in float64."""
     if scale == 1:
         raise ValueError("a pipeline applying CFG at scale 1 ignores its unconditional prediction")
     inverted = ((guided.double() - scale * cond.double()) / (1 - scale)).to(cond.dtype)
-    keep = exact_rows.to(cond.device).reshape(-1, *([1] * (cond.ndim - 1)))
-    return torch.where(keep, cond, inverted)
+    returned = torch.where(_rows((guided == cond).flatten(1).all(dim=1), cond), cond, inverted)
+    if uncond is not None:
+        is_cfg = (guided == cfg_combine(cond, uncond, scale)).flatten(1).all(dim=1)
+        returned = torch.where(_rows(is_cfg, cond), uncond, returned)
+    return returned
 
 
 class TwoCallGuidanceHook(ModelHook):
@@ -136,7 +147,7 @@ class TwoCallGuidanceHook(ModelHook):
                 uncond[uncond_mask.to(cond.device)] = prediction_of(output)
         session.end_step(uncond_mask)
         guided = session.combine(cond, uncond, uncond_mask, leading(pending["x_t"], cond), step)
-        exact = (guided == cond).flatten(1).all(dim=1).cpu()
+        returned = return_through_formula(guided, cond, step.guidance_scale, uncond)
         if output is pending["output"] or prediction_of(output).shape != cond.shape:
             output = pending["output"]  # no full unconditional output to reuse: the conditional's type
-        return with_prediction(output, return_through_formula(guided, cond, step.guidance_scale, exact))
+        return with_prediction(output, returned)
