@@ -56,12 +56,15 @@ def return_through_formula(
     ``(guided - scale cond) / (1 - scale)``, computed in float64."""
     if scale == 1:
         raise ValueError("a pipeline applying CFG at scale 1 ignores its unconditional prediction")
-    inverted = ((guided.double() - scale * cond.double()) / (1 - scale)).to(cond.dtype)
-    returned = torch.where(_rows((guided == cond).flatten(1).all(dim=1), cond), cond, inverted)
+    is_cond = (guided == cond).flatten(1).all(dim=1)
+    is_cfg = torch.zeros_like(is_cond)
     if uncond is not None:
-        is_cfg = (guided == cfg_combine(cond, uncond, scale)).flatten(1).all(dim=1)
-        returned = torch.where(_rows(is_cfg, cond), uncond, returned)
-    return returned
+        is_cfg = (guided == cfg_combine(cond, uncond, scale)).flatten(1).all(dim=1) & ~is_cond
+    exact = torch.where(_rows(is_cfg, cond), uncond, cond) if bool(is_cfg.any()) else cond
+    if bool((is_cond | is_cfg).all()):
+        return exact
+    inverted = ((guided.double() - scale * cond.double()) / (1 - scale)).to(cond.dtype)
+    return torch.where(_rows(is_cond | is_cfg, cond), exact, inverted)
 
 
 class TwoCallGuidanceHook(ModelHook):
@@ -135,12 +138,12 @@ class TwoCallGuidanceHook(ModelHook):
         session.pending = None
         step, uncond_mask, cond = pending["step"], pending["uncond_mask"], pending["cond"]
         output = pending["output"]
-        uncond = cond.clone()
-        if uncond_mask.any():
-            if uncond_mask.all():
-                output = original(*args, **kwargs)
-                uncond = prediction_of(output)
-            else:
+        if uncond_mask.all():
+            output = original(*args, **kwargs)
+            uncond = prediction_of(output)
+        else:
+            uncond = cond.clone()  # the contract: rows not asked for are a copy of cond
+            if uncond_mask.any():
                 index = uncond_mask.nonzero().flatten()
                 bound.arguments.update(select_arguments(arguments, rows, index, session.support))
                 output = original(*bound.args, **bound.kwargs)

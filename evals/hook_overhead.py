@@ -1,0 +1,105 @@
+"""What diffguide's hook costs at equal NFE: the untouched pipeline against CFG through diffguide.
+
+    python evals/hook_overhead.py [--rounds 40] [--steps 8]
+
+On the tiny offline Flux (true CFG, two calls per step) and Wan 2.1 builds of the tests, and on
+the tiny SD build (batched), the two variants run interleaved in one process (A B A B ...), so
+the machine's drift hits both alike; the ratio is of the medians of per-call wall times. Tiny
+builds make the hook's fixed per-call cost as visible as it can be: on real models, whose
+network evaluations take 10-1000x longer, the same cost is a smaller share. Writes
+evals/results/hook_overhead.json and a section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import tiny_flow_two_call  # noqa: E402
+import tiny_video_two_call  # noqa: E402
+from report import machine, markdown_table, write_result, write_section  # noqa: E402
+from tiny_pipelines import tiny_sd  # noqa: E402
+
+import diffguide as dg  # noqa: E402
+
+BUILDS = {
+    "flux (two calls)": tiny_flow_two_call.CASES["flux"],
+    "wan 2.1 (two calls)": tiny_video_two_call.CASES["wan"],
+    "sd (batched)": (
+        tiny_sd,
+        {
+            "prompt": ["a cat", "a dog"],
+            "negative_prompt": ["bad", "ugly"],
+            "num_images_per_prompt": 2,
+            "guidance_scale": 5.0,
+            "output_type": "latent",
+        },
+    ),  # fmt: skip
+}
+
+
+def time_call(pipe, kwargs: dict, steps: int) -> float:
+    start = time.perf_counter()
+    pipe(**kwargs, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
+    return time.perf_counter() - start
+
+
+def measure(name: str, rounds: int, steps: int) -> dict:
+    build, kwargs = BUILDS[name]
+    pipe = build()
+    for _ in range(3):  # warm-up
+        time_call(pipe, kwargs, steps)
+    untouched, hooked = [], []
+    for _ in range(rounds):
+        untouched.append(time_call(pipe, kwargs, steps))
+        with dg.guided(pipe, dg.CFG()):
+            hooked.append(time_call(pipe, kwargs, steps))
+            nfe = dg.stats(pipe)["nfe"]
+    base, with_hook = statistics.median(untouched), statistics.median(hooked)
+    return {
+        "build": name,
+        "untouched_s": base,
+        "diffguide_s": with_hook,
+        "ratio": with_hook / base,
+        "nfe": nfe,
+        "steps": steps,
+        "rounds": rounds,
+        "denoiser_calls_per_image": nfe,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    rows = [measure(name, args.rounds, args.steps) for name in BUILDS]
+    write_result("hook_overhead", {"machine": machine(), "rows": rows})
+    table = markdown_table(
+        ["build", "untouched (s/call)", "CFG through diffguide (s/call)", "ratio", "NFE/image"],
+        [[r["build"], f"{r['untouched_s']:.4f}", f"{r['diffguide_s']:.4f}", f"{r['ratio']:.3f}", f"{r['nfe']:g}"]
+         for r in rows],
+    )  # fmt: skip
+    write_section(
+        "hook_overhead",
+        f"""## Hook overhead at equal NFE (issue 16)
+
+`python evals/hook_overhead.py --rounds {args.rounds} --steps {args.steps}` on {machine()}: the
+untouched pipeline and CFG through diffguide, interleaved in one process, median wall time per
+call of the tiny offline builds (4 images, {args.steps} steps). Goal: ratio <= 1.02.
+
+{table}
+""",
+    )
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
