@@ -276,3 +276,59 @@ def test_modular_pipelines_are_pointed_to_the_guider_face():
     pipe = StableDiffusionXLAutoBlocks().init_pipeline()
     with pytest.raises(TypeError, match="update_components\\(guider=dg.as_guider\\(rule\\)\\)"):
         dg.apply(pipe, dg.CFG())
+
+
+class _Recorder(GuidanceRule):
+    """CFG that records the step index and scale it was given at each step."""
+
+    def reset(self):
+        self.seen = []
+
+    def combine(self, cond, uncond, uncond_mask, step):
+        self.seen.append((step.step_index, step.guidance_scale))
+        return cfg_combine(cond, uncond, step.guidance_scale)
+
+
+def test_wan22_experts_share_one_rule_state_with_their_own_scales():
+    case = Case("wan22")
+    rule = _Recorder()
+    try:
+        with dg.guided(case.pipe, rule):
+            case.run()
+    finally:
+        case.close()
+    boundary = case.pipe.config.boundary_ratio * case.pipe.scheduler.config.num_train_timesteps
+    high_noise = [bool(t >= boundary) for t in case.pipe.scheduler.timesteps]
+    assert any(high_noise) and not all(high_noise)  # both experts ran
+    expected = [(i, 5.0 if high else 3.0) for i, high in enumerate(high_noise)]
+    assert rule.seen == expected
+
+
+def test_linear_ag_calibrates_and_runs_on_a_two_call_pipeline():
+    case = Case("flux")
+    try:
+        calls = [{**case.kwargs, "num_inference_steps": 6}]
+        rule = dg.LinearAG.calibrate(case.pipe, calls)
+        assert rule.guidance_scale == case.kwargs["true_cfg_scale"]
+        with dg.guided(case.pipe, rule):
+            case.run(steps=6)
+            assert dg.stats(case.pipe)["nfe"] == rule.nfe < 12
+            assert case.rows == sum(dg.stats(case.pipe)["nfe_per_sample"])
+        reference = case.run(steps=6)
+        with dg.guided(case.pipe, rule.with_schedule(["cfg"] * 6)):
+            assert torch.equal(case.run(steps=6), reference)
+    finally:
+        case.close()
+
+
+def test_a_guided_pipeline_saves_as_its_own_class(tmp_path):
+    import json
+
+    case = Case("flux")
+    try:
+        with dg.guided(case.pipe, dg.CFG()):
+            assert type(case.pipe).__name__ == "FluxPipeline"
+            case.pipe.save_pretrained(tmp_path)
+    finally:
+        case.close()
+    assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
