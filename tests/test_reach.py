@@ -332,3 +332,20 @@ def test_a_guided_pipeline_saves_as_its_own_class(tmp_path):
     finally:
         case.close()
     assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+
+
+def test_qwen_edit_rules_see_the_generated_tokens_only():
+    case = Case("qwenimage-edit")
+    seen = []
+
+    class Shapes(_Recorder):
+        def combine(self, cond, uncond, uncond_mask, step):
+            seen.append(cond.shape)
+            return super().combine(cond, uncond, uncond_mask, step)
+
+    try:
+        with dg.guided(case.pipe, Shapes()):
+            final = case.run()
+    finally:
+        case.close()
+    assert seen and all(shape[1] == final.shape[1] for shape in seen)  # 4 generated tokens, not 260

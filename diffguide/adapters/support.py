@@ -44,6 +44,9 @@ class PipelineSupport:
     min_scale: float = 1.0
     #: the pipeline negates the model output before the scheduler (Lumina2): x0 rules flip it
     negated_output: bool = False
+    #: the denoiser input carries reference-image tokens after the generated ones (Qwen-Image
+    #: Edit), counted by ``img_shapes[0][0]``: rules see the generated tokens only
+    reference_tokens: bool = False
     #: x0-space rules refused, with the reason (the pipeline preconditions the output itself)
     x0_refused: str = ""
     #: denoiser arguments without a batch dimension (never row-sliced)
@@ -106,11 +109,13 @@ PIPELINES: dict[str, PipelineSupport] = {
     "QwenImageEditPipeline": _two_call(
         scale=_TRUE_CFG,
         needs_negative=True,
+        reference_tokens=True,
         quirks=("image tokens concatenated and sliced off by the pipeline", "per-token renormalisation"),
     ),
     "QwenImageEditPlusPipeline": _two_call(
         scale=_TRUE_CFG,
         needs_negative=True,
+        reference_tokens=True,
         quirks=("image tokens concatenated and sliced off by the pipeline", "per-token renormalisation"),
     ),
     "HunyuanVideoPipeline": _two_call(scale=_TRUE_CFG, needs_negative=True),

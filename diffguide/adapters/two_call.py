@@ -26,6 +26,7 @@ its real ``u`` back, so CFG through diffguide is the pipeline's own output in an
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from diffusers.hooks import ModelHook
@@ -101,6 +102,17 @@ class TwoCallGuidanceHook(ModelHook):
         same_step = pending is not None and pending["component"] == self.component
         return "uncond" if same_step and pending["timestep"] == timestep else "cond"
 
+    def _combine(self, cond, uncond, uncond_mask, x_t, step, arguments) -> torch.Tensor:
+        """The session's combine over the generated tokens; reference-image tokens (Qwen-Image
+        Edit), which the pipeline slices off, keep the conditional prediction."""
+        if not self.session.support.reference_tokens:
+            return self.session.combine(cond, uncond, uncond_mask, x_t, step)
+        tokens = math.prod(arguments["img_shapes"][0][0])
+        generated = self.session.combine(
+            cond[:, :tokens], uncond[:, :tokens], uncond_mask, x_t[:, :tokens], step
+        )
+        return torch.cat([generated, cond[:, tokens:]], dim=1)
+
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         session = self.session
         original = self.fn_ref.original_forward
@@ -149,7 +161,7 @@ class TwoCallGuidanceHook(ModelHook):
                 output = original(*bound.args, **bound.kwargs)
                 uncond[uncond_mask.to(cond.device)] = prediction_of(output)
         session.end_step(uncond_mask)
-        guided = session.combine(cond, uncond, uncond_mask, leading(pending["x_t"], cond), step)
+        guided = self._combine(cond, uncond, uncond_mask, leading(pending["x_t"], cond), step, arguments)
         returned = return_through_formula(guided, cond, step.guidance_scale, uncond)
         if output is pending["output"] or prediction_of(output).shape != cond.shape:
             output = pending["output"]  # no full unconditional output to reuse: the conditional's type
