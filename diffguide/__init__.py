@@ -1,6 +1,7 @@
 """diffguide: diffusion sampling and guidance methods for Hugging Face diffusers pipelines."""
 
 from . import metrics
+from .adapters.guider import as_guider
 from .classifier import ClassifierSchedule, DiffusionClassifier
 from .guidance import APG, CFG, AdaptiveGuidance, GuidanceInterval, GuidanceRule, LinearAG, make_rule
 from .hooks import apply, guided, remove, stats
@@ -18,6 +19,7 @@ __all__ = [
     "GuidanceRule",
     "LinearAG",
     "apply",
+    "as_guider",
     "guided",
     "load_default_pipeline",
     "load_digits",

@@ -26,11 +26,13 @@ How the rule contract (``diffguide/guidance/base.py``) is met:
 - **Outside** ``[start, stop)`` **, disabled, or at** ``guidance_scale == 1`` the guider behaves as
   diffusers' ``ClassifierFreeGuidance``: one batch, the conditional prediction, the rule not consulted.
 
-**x_t and the noise level.** Rules in the denoised (x0) space (APG and AG by default) and the
-interval's band need ``x_t`` and the step's (alpha, sigma), and a guider is given neither.
+**x_t and the noise level.** Rules in the denoised (x0) space (APG and AG by default) need ``x_t`` and
+the step's (alpha, sigma), ``GuidanceInterval`` needs the noise level for its band, and a guider is given
+neither (only SD3's block happens to route the latents through ``prepare_inputs``; the ``timestep`` it
+gets has a per-pipeline convention; it never sees the pipeline).
 
 - ``x_t``: ``prepare_models(denoiser)`` runs right before each batch, so it registers a forward pre-hook
-  recording the denoiser's first input (positional, or ``sample`` / ``hidden_states``) and
+  recording the denoiser's first input (positional, or ``sample`` / ``hidden_states`` / ``x``) and
   ``cleanup_models`` removes it. That input is exactly the ``x_t`` the scheduler's noise level
   describes: on SDXL it is the latents after Euler's ``scale_model_input`` (``x / sqrt(1 + s^2)``,
   i.e. ``alpha x0 + sigma eps`` with the alpha and sigma of :func:`diffguide.prediction.noise_level`),
@@ -50,11 +52,12 @@ interval's band need ``x_t`` and the step's (alpha, sigma), and a guider is give
 arguments, read from its signature and attributes; JSON, ``inf`` included, LinearAG's coefficients as
 nested lists) plus diffusers' ``guidance_scale``, ``start``, ``stop`` and ``enabled``, so
 ``save_pretrained`` writes ``guider_config.json`` and ``from_pretrained`` rebuilds an equal rule. The
-binding to a scheduler is not config and must be redone after loading.
+binding to a scheduler is not config and must be redone after ``from_pretrained`` (and ``new()``).
+``as_guider`` runs the very rule object it is given, so its state (AG's ``similarities``) stays readable.
 
 Known limits: the denoiser's first input must be a tensor (Z-Image's transformer takes a list of
-latents, so x0-space rules cannot run there); pipelines that negate the prediction *after* the guider
-(Ideogram 4 does the combination itself) are outside what a guider sees.
+latents, so x0-space rules cannot run there); ``guidance_rescale`` is not offered (a rule of its own
+would be the place); pipelines that guide without their guider (Ideogram 4) are out of reach.
 """
 
 from __future__ import annotations
