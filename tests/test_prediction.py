@@ -40,7 +40,7 @@ def test_conversions_invert_each_other_and_recover_x0(kind):
     generator = torch.Generator().manual_seed(0)
     x0 = torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64)
     noise = torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64)
-    if kind == "flow":
+    if kind in ("flow", "reverse_flow"):
         alpha, sigma = (
             torch.tensor([0.3, 0.9], dtype=torch.float64),
             torch.tensor([0.7, 0.1], dtype=torch.float64),
@@ -50,7 +50,8 @@ def test_conversions_invert_each_other_and_recover_x0(kind):
         alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
     a, s = alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1)
     x_t = a * x0 + s * noise
-    output = {"epsilon": noise, "v_prediction": a * noise - s * x0, "sample": x0, "flow": noise - x0}[kind]
+    output = {"epsilon": noise, "v_prediction": a * noise - s * x0, "sample": x0, "flow": noise - x0,
+              "reverse_flow": x0 - noise}[kind]  # fmt: skip
     torch.testing.assert_close(to_denoised(output, x_t, alpha, sigma, kind), x0)
     torch.testing.assert_close(from_denoised(x0, x_t, alpha, sigma, kind), output)
 
@@ -72,3 +73,30 @@ def test_euler_variants_use_the_current_sigma(options):
         alpha, sigma = alpha_sigma(scheduler, t)
         torch.testing.assert_close(sigma / alpha, scheduler.sigmas[i].double().reshape(1))
         sample = scheduler.step(torch.zeros_like(sample), t, sample).prev_sample
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: __import__("diffusers").FlowMatchEulerDiscreteScheduler(shift=3.0),
+        lambda: __import__("diffusers").FlowMatchEulerDiscreteScheduler(invert_sigmas=True),
+        lambda: __import__("diffusers").UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+        ),
+    ],
+    ids=["flowmatch", "mochi-inverted", "unipc-flow"],
+)
+def test_noise_level_of_flow_schedulers_is_the_noise_fraction(make):
+    """x_t = (1 - s) x0 + s noise with s the scheduler's sigma (1 - sigma where Mochi's inverted
+    schedule counts the other way); the end-to-end check is tests/test_reach.py's x0 test."""
+    from diffguide.prediction import noise_level
+
+    scheduler = make()
+    scheduler.set_timesteps(4)
+    kind = prediction_kind(scheduler)
+    alpha, sigma = noise_level(scheduler, 1)
+    assert kind in ("flow", "reverse_flow")
+    torch.testing.assert_close(alpha + sigma, torch.ones(1, dtype=torch.float64))
+    value = float(scheduler.sigmas[1])
+    expected = 1 - value if kind == "reverse_flow" else value
+    assert float(sigma) == pytest.approx(expected)
