@@ -17,7 +17,7 @@ import inspect
 import torch
 from diffusers.hooks import ModelHook
 
-from .core import GuidanceSession, leading, prediction_of, select_arguments, with_prediction
+from .core import DenoiserCall, GuidanceSession, leading, prediction_of, with_prediction
 
 
 class BatchedGuidanceHook(ModelHook):
@@ -36,14 +36,12 @@ class BatchedGuidanceHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         session = self.session
         original = self.fn_ref.original_forward
-        bound = self._signature.bind(*args, **kwargs)
-        arguments = dict(bound.arguments)
-        sample = next(iter(arguments.values()))
+        call = DenoiserCall(self._signature, args, kwargs)
+        sample = call.sample
         rows = sample.shape[0]
-        timestep = arguments.get("timestep", arguments.get("timesteps"))
-        first_t = float(torch.as_tensor(timestep).reshape(-1)[0]) if timestep is not None else 0.0
+        first_t = call.first_timestep
 
-        if arguments.get("skip_layers") is not None:
+        if call.get("skip_layers") is not None:
             raise RuntimeError(
                 "skip-layer guidance (SD3's skip_guidance_layers) adds its own denoiser call that a diffguide "
                 "rule cannot see; call the pipeline without it, or dg.remove(pipe) first"
@@ -64,20 +62,32 @@ class BatchedGuidanceHook(ModelHook):
         session.start_step(first_t, batch)
         step = session.guidance_step(self.component, batch, first_t)
         uncond_mask = session.uncond_mask(step)
-        uncond_rows = uncond_mask.nonzero().flatten() + (batch if cond_first else 0)
-        index = torch.cat([uncond_rows, cond_rows])
-        bound.arguments.update(select_arguments(arguments, rows, index, session.support))
-        output = original(*bound.args, **bound.kwargs)
+        if uncond_mask.all():  # the pipeline's own batch, as it is
+            output = original(*args, **kwargs)
+            prediction = prediction_of(output)
+            cond_prediction = prediction[:batch] if cond_first else prediction[batch:]
+            uncond_prediction = prediction[batch:] if cond_first else prediction[:batch]
+        else:  # only the unconditional rows asked for, then every conditional row
+            uncond_rows = uncond_mask.nonzero().flatten() + (batch if cond_first else 0)
+            index = torch.cat([uncond_rows, cond_rows])
+            sliced_args, sliced_kwargs = call.restricted(rows, index, session.support)
+            output = original(*sliced_args, **sliced_kwargs)
+            prediction = prediction_of(output)
+            cond_prediction, uncond_prediction = (
+                prediction[len(uncond_rows) :],
+                prediction[: len(uncond_rows)],
+            )
         session.end_step(uncond_mask)
 
-        prediction = prediction_of(output)
         # learned-variance models output [prediction, variance]: the rule sees the first half
         learned_variance = prediction.shape[1] == 2 * sample.shape[1]
         channels = sample.shape[1] if learned_variance else prediction.shape[1]
-        n_uncond = len(uncond_rows)
-        cond = prediction[n_uncond:, :channels]
-        uncond = cond.clone()
-        uncond[uncond_mask.to(cond.device)] = prediction[:n_uncond, :channels]
+        cond = cond_prediction[:, :channels]
+        if uncond_mask.all():
+            uncond = uncond_prediction[:, :channels]
+        else:
+            uncond = cond.clone()  # the contract: rows not asked for are a copy of cond
+            uncond[uncond_mask.to(cond.device)] = uncond_prediction[:, :channels]
         x_t = leading(sample[cond_rows.to(sample.device)], cond)
         guided = session.combine(cond, uncond, uncond_mask, x_t, step)
 
@@ -87,5 +97,5 @@ class BatchedGuidanceHook(ModelHook):
 
             guided = rescale_noise_cfg(guided, cond, guidance_rescale=rescale)
         if learned_variance:
-            guided = torch.cat([guided, prediction[n_uncond:, channels:]], dim=1)
+            guided = torch.cat([guided, cond_prediction[:, channels:]], dim=1)
         return with_prediction(output, torch.cat([guided, guided]))

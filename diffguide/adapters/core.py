@@ -15,6 +15,7 @@ keeps no sigmas (DDIM, DDPM).
 
 from __future__ import annotations
 
+import inspect
 import math
 import weakref
 from typing import Any
@@ -46,6 +47,37 @@ def select_arguments(
         name: value if name in support.unbatched else select_rows(value, rows, index)
         for name, value in arguments.items()
     }
+
+
+class DenoiserCall:
+    """The arguments of one denoiser call, read without binding them (the hot path) and
+    bound only to restrict them to some rows."""
+
+    def __init__(self, signature: inspect.Signature, args: tuple, kwargs: dict):
+        self.signature, self.args, self.kwargs = signature, args, kwargs
+        self._names = list(signature.parameters)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if name in self.kwargs:
+            return self.kwargs[name]
+        position = self._names.index(name) if name in self._names else len(self.args)
+        return self.args[position] if position < len(self.args) else default
+
+    @property
+    def sample(self) -> torch.Tensor:
+        """The noisy input x_t (the first argument), with any extra channels or tokens."""
+        return self.args[0] if self.args else self.kwargs[self._names[0]]
+
+    @property
+    def first_timestep(self) -> float:
+        timestep = self.get("timestep", self.get("timesteps"))
+        return float(torch.as_tensor(timestep).reshape(-1)[0]) if timestep is not None else 0.0
+
+    def restricted(self, rows: int, index: torch.Tensor, support: PipelineSupport) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` with every batch argument restricted to the rows ``index``."""
+        bound = self.signature.bind(*self.args, **self.kwargs)
+        bound.arguments.update(select_arguments(dict(bound.arguments), rows, index, support))
+        return bound.args, bound.kwargs
 
 
 def prediction_of(output: Any) -> torch.Tensor:

@@ -33,7 +33,7 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..guidance.base import cfg_combine
-from .core import GuidanceSession, leading, prediction_of, select_arguments, with_prediction
+from .core import DenoiserCall, GuidanceSession, leading, prediction_of, with_prediction
 
 COND_NAMES = ("cond", "pred_cond")
 UNCOND_NAMES = ("uncond", "pred_uncond")
@@ -102,12 +102,12 @@ class TwoCallGuidanceHook(ModelHook):
         same_step = pending is not None and pending["component"] == self.component
         return "uncond" if same_step and pending["timestep"] == timestep else "cond"
 
-    def _combine(self, cond, uncond, uncond_mask, x_t, step, arguments) -> torch.Tensor:
+    def _combine(self, cond, uncond, uncond_mask, x_t, step, call: DenoiserCall) -> torch.Tensor:
         """The session's combine over the generated tokens; reference-image tokens (Qwen-Image
         Edit), which the pipeline slices off, keep the conditional prediction."""
         if not self.session.support.reference_tokens:
             return self.session.combine(cond, uncond, uncond_mask, x_t, step)
-        tokens = math.prod(arguments["img_shapes"][0][0])
+        tokens = math.prod(call.get("img_shapes")[0][0])
         generated = self.session.combine(
             cond[:, :tokens], uncond[:, :tokens], uncond_mask, x_t[:, :tokens], step
         )
@@ -116,12 +116,10 @@ class TwoCallGuidanceHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         session = self.session
         original = self.fn_ref.original_forward
-        bound = self._signature.bind(*args, **kwargs)
-        arguments = dict(bound.arguments)
-        sample = next(iter(arguments.values()))
+        call = DenoiserCall(self._signature, args, kwargs)
+        sample = call.sample
         rows = sample.shape[0]
-        timestep = arguments.get("timestep", arguments.get("timesteps"))
-        first_t = float(torch.as_tensor(timestep).reshape(-1)[0]) if timestep is not None else 0.0
+        first_t = call.first_timestep
 
         if self._branch(first_t) == "cond":
             session.finish_pending()  # the previous step ran without an unconditional call
@@ -157,11 +155,11 @@ class TwoCallGuidanceHook(ModelHook):
             uncond = cond.clone()  # the contract: rows not asked for are a copy of cond
             if uncond_mask.any():
                 index = uncond_mask.nonzero().flatten()
-                bound.arguments.update(select_arguments(arguments, rows, index, session.support))
-                output = original(*bound.args, **bound.kwargs)
+                sliced_args, sliced_kwargs = call.restricted(rows, index, session.support)
+                output = original(*sliced_args, **sliced_kwargs)
                 uncond[uncond_mask.to(cond.device)] = prediction_of(output)
         session.end_step(uncond_mask)
-        guided = self._combine(cond, uncond, uncond_mask, leading(pending["x_t"], cond), step, arguments)
+        guided = self._combine(cond, uncond, uncond_mask, leading(pending["x_t"], cond), step, call)
         returned = return_through_formula(guided, cond, step.guidance_scale, uncond)
         if output is pending["output"] or prediction_of(output).shape != cond.shape:
             output = pending["output"]  # no full unconditional output to reuse: the conditional's type
