@@ -16,6 +16,7 @@ denoisers' forwards.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -58,9 +59,17 @@ def check_pipeline(pipe) -> None:
 _WRAPPED: dict[type, type] = {}
 
 
+@functools.lru_cache(maxsize=64)
+def _signature(function: Callable) -> inspect.Signature:
+    return inspect.signature(function)
+
+
 def _call_arguments(call: Callable, args: tuple, kwargs: dict, skip_self: bool) -> dict[str, Any]:
     """The arguments of a pipeline call by name, defaults filled, ``**kwargs`` flattened."""
-    signature = inspect.signature(call)
+    signature = _signature(getattr(call, "__func__", call))
+    if hasattr(call, "__self__"):
+        args = (call.__self__, *args)  # the unbound function's signature has ``self``
+        skip_self = True
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
     arguments = dict(bound.arguments)

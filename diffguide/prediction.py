@@ -26,6 +26,8 @@ the guidance adapters read the noise level from the scheduler's state with :func
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .guidance.base import per_sample
@@ -59,12 +61,14 @@ def noise_level(scheduler, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     (shape (1,)); :func:`alpha_sigma` at ``timesteps[index]`` where it keeps none (DDIM, DDPM)."""
     sigmas = getattr(scheduler, "sigmas", None)
     if isinstance(sigmas, torch.Tensor) and 0 <= index < len(sigmas):
-        value = sigmas[index].to(torch.float64).cpu().reshape(1)
+        value = float(sigmas[index])  # python floats are float64, and cheaper than tensor ops here
         if uses_flow_sigmas(scheduler):
             s = 1 - value if getattr(scheduler.config, "invert_sigmas", False) else value
-            return 1 - s, s
-        alpha = 1 / (1 + value**2).sqrt()
-        return alpha, value * alpha
+            alpha, sigma = 1 - s, s
+        else:
+            alpha = 1 / math.sqrt(1 + value**2)
+            sigma = value * alpha
+        return torch.tensor([alpha], dtype=torch.float64), torch.tensor([sigma], dtype=torch.float64)
     timesteps = getattr(scheduler, "timesteps", None)
     if not isinstance(timesteps, torch.Tensor) or not 0 <= index < len(timesteps):
         raise ValueError(f"{type(scheduler).__name__} has no sigma or timestep for step {index}")

@@ -39,9 +39,13 @@ ERRORS = {"cfg": "CFG", "APG": "APG-off", "AdaptiveGuidance": "AG-never", "skipp
 class _Outcomes:
     def __init__(self):
         self.outcomes: dict[tuple[str, str], str] = {}
+        self.guider: dict[str, str] = {}
 
     def pytest_runtest_logreport(self, report):
         if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
+            return
+        if "test_guider.py" in report.nodeid:
+            self.guider[report.nodeid.split("::", 1)[1]] = report.outcome
             return
         match = re.match(r".*::(\w+)\[(.+)\]$", report.nodeid)
         if not match:
@@ -141,6 +145,13 @@ def main() -> None:
         table_rows.append([f"`{name}`", layout, "" if entry.kind == "refused" else f"`{scale}`", notes])
     support = markdown_table(["pipeline class", "kind", "CFG scale read from", "quirks / reason"], table_rows)
 
+    guider = markdown_table(
+        ["test (tests/test_guider.py)", "outcome"],
+        [
+            [f"`{name}`", {"passed": "yes", "failed": "**FAILED**"}.get(o, o)]
+            for name, o in collector.guider.items()
+        ],
+    )
     rounding = {
         "fp32": formula_rounding(torch.float32),
         "bf16": formula_rounding(torch.bfloat16),
@@ -188,6 +199,17 @@ inputs. The tiny Flux run whole in bf16, 4 steps: APG at its CFG settings (throu
 inversion) differs from the untouched bf16 pipeline by {rounding["flux_bf16_apg_off"]:.1e}
 relative, CFG by {rounding["flux_bf16_cfg"]:.1e}; the untouched bf16 run differs from fp32 by
 {rounding["flux_bf16_bf16_vs_fp32"]:.1e}.
+
+## The guider face (`dg.as_guider`)
+
+Modular pipelines (and HunyuanVideo 1.5's `guider` component) take a rule as a diffusers guider:
+`pipe.update_components(guider=dg.as_guider(rule, guidance_scale=5.0, scheduler=pipe))`.
+Skipping there is batch-level (a guider chooses how many batches run, not their rows); x0
+rules read x_t from the denoiser's input and the noise level from the bound scheduler
+(`diffguide/adapters/guider.py` says why). The SDXL tests compare the modular pipeline with
+`dg.apply` on the classic SDXL pipeline built from the same components (1e-5 relative, same NFE).
+
+{guider}
 
 ## The support table (`diffguide/adapters/support.py`)
 

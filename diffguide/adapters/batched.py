@@ -64,6 +64,9 @@ class BatchedGuidanceHook(ModelHook):
         uncond_mask = session.uncond_mask(step)
         if uncond_mask.all():  # the pipeline's own batch, as it is
             output = original(*args, **kwargs)
+            if session.is_plain_cfg:  # the pipeline's own formula is the rule
+                session.end_step(uncond_mask)
+                return output
             prediction = prediction_of(output)
             cond_prediction = prediction[:batch] if cond_first else prediction[batch:]
             uncond_prediction = prediction[batch:] if cond_first else prediction[:batch]

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..guidance.base import GuidanceRule, GuidanceStep
+from ..guidance.cfg import CFG
 from ..prediction import from_denoised, noise_level, prediction_kind, to_denoised
 from .support import PipelineSupport
 
@@ -109,6 +110,8 @@ class GuidanceSession:
 
     def __init__(self, pipe, rule: GuidanceRule, support: PipelineSupport, class_name: str):
         self.rule = rule
+        #: plain CFG: where every sample is guided the pipeline's own output is the rule's, as is
+        self.is_plain_cfg = type(rule) is CFG
         self.support = support
         self.class_name = class_name
         self._pipe = weakref.ref(pipe)

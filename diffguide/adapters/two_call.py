@@ -150,6 +150,9 @@ class TwoCallGuidanceHook(ModelHook):
         output = pending["output"]
         if uncond_mask.all():
             output = original(*args, **kwargs)
+            if session.is_plain_cfg:  # the pipeline's own formula is the rule
+                session.end_step(uncond_mask)
+                return output
             uncond = prediction_of(output)
         else:
             uncond = cond.clone()  # the contract: rows not asked for are a copy of cond
