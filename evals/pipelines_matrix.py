@@ -2,7 +2,7 @@
 
     python evals/pipelines_matrix.py
 
-Runs tests/test_reach.py in this process, records each check's outcome per pipeline build and
+Runs tests/test_reach.py and tests/test_guider.py in this process, records each check's outcome per pipeline build and
 the errors the tests measured, adds the support table (kind, where the scale lives, quirks,
 refusals) from ``diffguide.adapters.support``, and measures the rounding of the two-call return
 ``u' = (g - s c) / (1 - s)`` in fp32 and bf16. Writes docs/pipelines.md and
@@ -116,9 +116,8 @@ def pipeline_rounding_bf16() -> dict[str, float]:
 
 def main() -> None:
     collector = _Outcomes()
-    code = pytest.main(
-        ["-q", "-p", "no:warnings", str(ROOT / "tests" / "test_reach.py")], plugins=[collector]
-    )
+    tests = [str(ROOT / "tests" / name) for name in ("test_reach.py", "test_guider.py")]
+    code = pytest.main(["-q", "-p", "no:warnings", *tests], plugins=[collector])
     measured = sys.modules["test_reach"].measured
     zoo = sys.modules["test_reach"].ZOO
     cases = list(zoo)

@@ -274,7 +274,9 @@ def test_modular_pipelines_are_pointed_to_the_guider_face():
     from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
 
     pipe = StableDiffusionXLAutoBlocks().init_pipeline()
-    with pytest.raises(TypeError, match="update_components\\(guider=dg.as_guider\\(rule\\)\\)"):
+    with pytest.raises(
+        TypeError, match="update_components\\(guider=dg.as_guider\\(rule, scheduler=pipe\\)\\)"
+    ):
         dg.apply(pipe, dg.CFG())
 
 

@@ -175,10 +175,10 @@ PIPELINES: dict[str, PipelineSupport] = {
     ),
     "SanaSprintPipeline": _refused("Sana-Sprint is guidance-distilled (no CFG): there is nothing to guide"),
     "HunyuanVideo15Pipeline": _refused(
-        "it guides through its own guider component: use pipe.guider = dg.as_guider(rule) instead of dg.apply"
+        "it guides through its own guider component: use pipe.guider = dg.as_guider(rule, scheduler=pipe) instead of dg.apply"
     ),
     "HunyuanImagePipeline": _refused(
-        "it guides through its own guider components: use pipe.guider = dg.as_guider(rule) instead of dg.apply"
+        "it guides through its own guider components: use pipe.guider = dg.as_guider(rule, scheduler=pipe) instead of dg.apply"
     ),
 }
 
@@ -196,7 +196,7 @@ def support_for(pipe) -> tuple[str, PipelineSupport]:
     if hasattr(pipe, "blocks") and hasattr(pipe, "update_components"):
         raise TypeError(
             f"{type(pipe).__name__} is a modular pipeline: attach the rule as its guider with "
-            "pipe.update_components(guider=dg.as_guider(rule))"
+            "pipe.update_components(guider=dg.as_guider(rule, scheduler=pipe))"
         )
     served = sorted(name for name, entry in PIPELINES.items() if entry.kind != "refused")
     raise TypeError(
