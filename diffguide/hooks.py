@@ -26,7 +26,7 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from .adapters.batched import BatchedGuidanceHook
-from .adapters.core import GuidanceSession, select_rows
+from .adapters.core import GuidanceSession, nfe_stats, select_rows
 from .adapters.support import support_for
 from .adapters.two_call import TwoCallGuidanceHook
 from .guidance.base import GuidanceRule
@@ -127,7 +127,9 @@ def _session(pipe) -> GuidanceSession | None:
         return None
     registry = getattr(denoiser, "_diffusers_hook", None)
     hook = registry.get_hook(HOOK_NAME) if registry is not None else None
-    return hook.session if hook is not None else None
+    if hook is None or hook.session._pipe() is not pipe:  # a denoiser shared with another pipeline
+        return None
+    return hook.session
 
 
 def apply(pipe, rule: GuidanceRule):
@@ -172,13 +174,7 @@ def stats(pipe) -> dict:
     if session is None:
         raise ValueError("no diffguide rule is attached to this pipeline; use dg.apply(pipe, rule) first")
     session.finish_pending()
-    counts = session.nfe_per_sample
-    return {
-        "nfe": float(counts.double().mean()) if len(counts) else 0.0,
-        "nfe_per_sample": counts.tolist(),
-        "steps": session.steps,
-        "rule": session.rule,
-    }
+    return nfe_stats(session.nfe_per_sample, session.steps, session.rule)
 
 
 @contextmanager

@@ -351,3 +351,63 @@ def test_qwen_edit_rules_see_the_generated_tokens_only():
     finally:
         case.close()
     assert seen and all(shape[1] == final.shape[1] for shape in seen)  # 4 generated tokens, not 260
+
+
+def test_cosmos2_noise_level_is_its_edm_sigma():
+    """Cosmos 2's scheduler keeps EDM sigmas (80 ... 0.002); the rule sees sigma/alpha = that sigma."""
+
+    class NoiseLevels(_Recorder):
+        def combine(self, cond, uncond, uncond_mask, step):
+            self.levels.append(float((step.sigma / step.alpha)[0]))
+            return super().combine(cond, uncond, uncond_mask, step)
+
+    case = Case("cosmos2")
+    rule = NoiseLevels()
+    rule.levels = []
+    try:
+        with dg.guided(case.pipe, rule):
+            case.run()
+    finally:
+        case.close()
+    expected = case.pipe.scheduler.sigmas[:STEPS].double().tolist()
+    assert rule.levels == pytest.approx(expected, rel=1e-9)
+    assert max(rule.levels) > 1  # EDM sigmas, not flow fractions
+
+
+def test_a_denoiser_shared_with_another_pipeline_refuses_that_pipeline():
+    pipe = tiny_sd()
+    other = type(pipe)(**pipe.components)  # shares the UNet, as from_pipe does
+    other.set_progress_bar_config(disable=True)
+    kwargs = {"prompt": "a cat", "num_inference_steps": 2, "output_type": "latent"}
+    with dg.guided(pipe, dg.APG()):
+        with pytest.raises(RuntimeError, match="dg.apply the rule to the pipeline you call"):
+            other(**kwargs)
+        with pytest.raises(ValueError, match="no diffguide rule"):
+            dg.stats(other)
+        pipe(**kwargs)  # the pipeline the rule was applied to still runs
+
+
+def test_flux2_klein_with_a_reference_image_is_refused():
+    case = Case("flux2-klein")
+    try:
+        with dg.guided(case.pipe, dg.APG()), pytest.raises(ValueError, match="with image= adds reference"):
+            case.run(image=torch.zeros(1, 3, 16, 16))
+    finally:
+        case.close()
+
+
+def test_wan22_without_guidance_on_the_low_noise_expert():
+    """guidance_scale_2=1: Wan still makes the unconditional call, which the hook answers unevaluated."""
+    case = Case("wan22")
+    try:
+        reference = case.run(guidance_scale_2=1.0)
+        with dg.guided(case.pipe, dg.APG(eta=1.0, norm_threshold=NO_CAP, momentum=0.0)):
+            guided = case.run(guidance_scale_2=1.0)
+            nfe = dg.stats(case.pipe)["nfe_per_sample"]
+            rows = case.rows
+    finally:
+        case.close()
+    high_noise = sum(bool(t >= case.pipe.config.boundary_ratio * 1000) for t in case.pipe.scheduler.timesteps)
+    assert nfe == [2 * high_noise + (STEPS - high_noise)] * len(nfe)
+    assert rows == sum(nfe)
+    assert relative_error(guided, reference) <= 1e-5

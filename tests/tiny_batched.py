@@ -53,7 +53,6 @@ from transformers import (
     Gemma2Config,
     Gemma2Model,
     GemmaTokenizer,
-    UMT5Config,
     UMT5EncoderModel,
 )
 
@@ -190,19 +189,6 @@ def tiny_dit() -> DiTPipeline:
 def tiny_auraflow() -> AuraFlowPipeline:
     """AuraFlow (MMDiT + single-DiT blocks, UMT5 encoder, flow-matching Euler) on an 8x8 latent."""
     tokenizer = _t5_tokenizer(256)
-    text_config = UMT5Config(
-        vocab_size=len(tokenizer),
-        d_model=TEXT_WIDTH,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
 
     def transformer() -> AuraFlowTransformer2DModel:
         model = AuraFlowTransformer2DModel(
@@ -229,7 +215,7 @@ def tiny_auraflow() -> AuraFlowPipeline:
     return _done(
         AuraFlowPipeline(
             tokenizer=tokenizer,
-            text_encoder=_seeded(lambda: UMT5EncoderModel(text_config)),
+            text_encoder=_t5_encoder(len(tokenizer), TEXT_WIDTH, UMT5EncoderModel),
             vae=_vae(),
             transformer=_seeded(transformer),
             scheduler=FlowMatchEulerDiscreteScheduler(),

@@ -39,7 +39,6 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
-    T5Config,
     T5EncoderModel,
     T5Tokenizer,
 )
@@ -186,8 +185,9 @@ def _t5_tokenizer(max_length: int) -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
-def _t5_encoder(vocab_size: int, d_model: int) -> T5EncoderModel:
-    config = T5Config(
+def _t5_encoder(vocab_size: int, d_model: int, model_class: type = T5EncoderModel) -> T5EncoderModel:
+    """A two-layer T5 encoder (``model_class=UMT5EncoderModel`` for the UMT5 of Wan and AuraFlow)."""
+    config = model_class.config_class(
         vocab_size=vocab_size,
         d_model=d_model,
         d_kv=8,
@@ -200,7 +200,7 @@ def _t5_encoder(vocab_size: int, d_model: int) -> T5EncoderModel:
         is_encoder_decoder=False,
         use_cache=False,
     )
-    return _seeded(lambda: T5EncoderModel(config))
+    return _seeded(lambda: model_class(config))
 
 
 def tiny_sd3(with_t5: bool = False) -> StableDiffusion3Pipeline:

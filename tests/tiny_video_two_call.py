@@ -67,7 +67,6 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
-    UMT5Config,
     UMT5EncoderModel,
 )
 
@@ -81,20 +80,7 @@ PROMPTS = {"prompt": ["a cat", "a dog"], "negative_prompt": ["bad", "ugly"]}
 
 
 def _umt5_encoder(vocab_size: int) -> UMT5EncoderModel:
-    config = UMT5Config(
-        vocab_size=vocab_size,
-        d_model=TEXT_DIM,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
-    return _seeded(lambda: UMT5EncoderModel(config))
+    return _t5_encoder(vocab_size, TEXT_DIM, UMT5EncoderModel)
 
 
 def _wan_vae() -> AutoencoderKLWan:

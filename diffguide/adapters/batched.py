@@ -12,31 +12,18 @@ Learned-variance channels (PixArt, DiT, Kandinsky) pass through from the conditi
 
 from __future__ import annotations
 
-import inspect
-
 import torch
-from diffusers.hooks import ModelHook
 
-from .core import DenoiserCall, GuidanceSession, leading, prediction_of, with_prediction
+from .core import RuleHook, leading, prediction_of, with_prediction
 
 
-class BatchedGuidanceHook(ModelHook):
+class BatchedGuidanceHook(RuleHook):
     """``ModelHook`` running a session's rule on a batched-CFG denoiser."""
-
-    def __init__(self, session: GuidanceSession, component: str):
-        super().__init__()
-        self.session = session
-        self.component = component
-        self._signature: inspect.Signature | None = None
-
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self._signature = inspect.signature(module.forward)
-        return module
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         session = self.session
+        call = self.read_call(args, kwargs)
         original = self.fn_ref.original_forward
-        call = DenoiserCall(self._signature, args, kwargs)
         sample = call.sample
         rows = sample.shape[0]
         first_t = call.first_timestep

@@ -21,6 +21,7 @@ import weakref
 from typing import Any
 
 import torch
+from diffusers.hooks import ModelHook
 
 from ..guidance.base import GuidanceRule, GuidanceStep
 from ..guidance.cfg import CFG
@@ -105,6 +106,36 @@ def leading(sample: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return sample[:, : like.shape[1]] if sample.shape[1] != like.shape[1] else sample
 
 
+def nfe_stats(counts: torch.Tensor, steps: int, rule: GuidanceRule) -> dict:
+    """``dg.stats``' answer: ``nfe`` (mean per sample), ``nfe_per_sample``, ``steps``, ``rule``."""
+    return {
+        "nfe": float(counts.double().mean()) if len(counts) else 0.0,
+        "nfe_per_sample": counts.tolist(),
+        "steps": steps,
+        "rule": rule,
+    }
+
+
+class RuleHook(ModelHook):
+    """What the batched and two-call hooks share: the session, the denoiser component they sit
+    on, and the signature through which they read the denoiser's arguments."""
+
+    def __init__(self, session: GuidanceSession, component: str):
+        super().__init__()
+        self.session = session
+        self.component = component
+        self._signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._signature = inspect.signature(module.forward)
+        return module
+
+    def read_call(self, args: tuple, kwargs: dict) -> DenoiserCall:
+        """The denoiser call about to run, refused outside a call of the rule's pipeline."""
+        self.session.require_call()
+        return DenoiserCall(self._signature, args, kwargs)
+
+
 class GuidanceSession:
     """One rule on one pipeline: per-call reset, per-step :class:`GuidanceStep`, NFE counts."""
 
@@ -150,15 +181,36 @@ class GuidanceSession:
 
     def finish_pending(self) -> None:
         """Close a two-call step whose pipeline made no unconditional call (Lumina2's truncation)."""
-        if self.pending is not None:
-            self.pending = None
-            self.end_step(None)
+        pending, self.pending = self.pending, None
+        if pending is None or pending.get("passthrough") is not None:
+            return
+        self.end_step(None)
+        if self.support.needs_negative:  # the call's arguments promised true CFG
+            raise RuntimeError(
+                f"{self.class_name} made no unconditional call at step {self.step_index - 1}, so its true CFG is "
+                f"off and {self.rule!r} has no effect: pass true_cfg_scale > 1 and a negative_prompt (or every "
+                "negative embedding the pipeline asks for, pooled ones included)"
+            )
+
+    def require_call(self) -> None:
+        """Refuse a denoiser call outside a call of the pipeline the rule was applied to: the
+        rule would read another pipeline's scale and scheduler."""
+        if self.call_arguments is None:
+            raise RuntimeError(
+                f"the diffguide rule on this denoiser was applied to a {self.class_name}, and the denoiser ran "
+                "outside a call of it (another pipeline sharing it, e.g. from_pipe, or a direct call): "
+                "dg.apply the rule to the pipeline you call"
+            )
 
     def check_call(self) -> None:
-        """Refuse a call in which the pipeline will not run CFG although the rule needs it."""
-        if not self.support.needs_negative or self.call_arguments is None:
-            return
+        """Refuse a call the adapter cannot serve, or in which the pipeline will not run CFG
+        although the rule needs it."""
         args = self.call_arguments
+        for name, reason in self.support.refused_arguments.items():
+            if args.get(name) is not None:
+                raise ValueError(f"{self.class_name} with {name}= {reason}")
+        if not self.support.needs_negative:
+            return
         scale = self.pipeline_scale("*")
         has_negative = (
             args.get("negative_prompt") is not None or args.get("negative_prompt_embeds") is not None
@@ -229,11 +281,13 @@ class GuidanceSession:
         return float(value) if value is not None else 1.0
 
     def cfg_active(self, component: str) -> bool:
-        """Whether the pipeline runs CFG in this call (its own ``do_classifier_free_guidance``)."""
+        """Whether CFG acts in this call on ``component``: the pipeline's own
+        ``do_classifier_free_guidance`` where it has one, and a scale above 1 (Wan 2.2 makes the
+        unconditional call at ``guidance_scale_2=1`` too, where it changes nothing)."""
         prop = getattr(type(self.pipe), "do_classifier_free_guidance", None)
-        if isinstance(prop, property):
-            return bool(self.pipe.do_classifier_free_guidance)
-        return self.pipeline_scale(component) > self.support.min_scale
+        if isinstance(prop, property) and not self.pipe.do_classifier_free_guidance:
+            return False
+        return self.pipeline_scale(component) + self.support.scale_offset > self.support.min_scale
 
     def guidance_step(self, component: str, batch_size: int, timestep: float) -> GuidanceStep:
         """The step as the rule sees it; alpha/sigma are NaN where the scheduler gives none."""
@@ -242,11 +296,15 @@ class GuidanceSession:
         index = self.step_index if index is None else index
         try:
             alpha, sigma = noise_level(scheduler, index)
+            if self.support.edm_sigmas:
+                edm = float(scheduler.sigmas[index])
+                alpha = torch.tensor([1 / (1 + edm)], dtype=torch.float64)
+                sigma = torch.tensor([edm / (1 + edm)], dtype=torch.float64)
         except ValueError as err:
-            if self.rule.space == "denoised":
+            if self.rule.uses_noise_level:
                 raise ValueError(
-                    f"{self.rule!r} works on denoised (x0) predictions, which need the noise level of each "
-                    f"step ({err}); use the rule with space='model_output'"
+                    f"{self.rule!r} needs the noise level of each step, which {type(scheduler).__name__} does not "
+                    f"give ({err}); use a rule in space='model_output' that does not read it"
                 ) from None
             alpha = sigma = torch.full((1,), math.nan, dtype=torch.float64)
         timesteps = getattr(scheduler, "timesteps", None)

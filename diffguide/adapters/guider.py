@@ -82,7 +82,7 @@ from ..guidance import (
     make_rule,
 )
 from ..prediction import noise_level, prediction_kind
-from .core import combine_in_space, leading
+from .core import combine_in_space, leading, nfe_stats
 
 #: rule class -> method name of :func:`diffguide.guidance.make_rule`
 RULE_METHODS: dict[type, str] = {
@@ -195,9 +195,6 @@ class DiffguideGuidance(BaseGuidance):
             return None if pipe is None else getattr(pipe, "scheduler", None)
         return self._source
 
-    def _needs_noise_level(self) -> bool:
-        return self.rule.space == "denoised" or isinstance(self.rule, GuidanceInterval)
-
     # -- diffusers' state -------------------------------------------------------------------------
 
     def set_state(self, step: int, num_inference_steps: int, timestep: torch.LongTensor) -> None:
@@ -249,7 +246,7 @@ class DiffguideGuidance(BaseGuidance):
     def _build_step(self, batch_size: int) -> GuidanceStep:
         scheduler = self.scheduler
         if scheduler is None:
-            if self._needs_noise_level():
+            if self.rule.uses_noise_level:
                 raise ValueError(
                     f"{self.rule!r} needs x_t's noise level, which a guider only gets from the scheduler: "
                     "use dg.as_guider(rule, scheduler=pipe) or guider.bind(pipe)"
@@ -262,7 +259,7 @@ class DiffguideGuidance(BaseGuidance):
             try:
                 alpha, sigma = noise_level(scheduler, index)
             except ValueError as err:
-                if self._needs_noise_level():
+                if self.rule.uses_noise_level:
                     raise ValueError(f"{self.rule!r} needs the noise level of each step: {err}") from None
                 alpha = sigma = torch.full((1,), math.nan, dtype=torch.float64)
             timesteps = getattr(scheduler, "timesteps", None)
@@ -383,13 +380,7 @@ class DiffguideGuidance(BaseGuidance):
     def stats(self) -> dict:
         """Network evaluations of the last sampling call, as ``dg.stats`` gives them: ``nfe`` (mean per
         sample), ``nfe_per_sample``, ``steps`` and the ``rule``."""
-        counts = self.nfe_per_sample
-        return {
-            "nfe": float(counts.double().mean()) if len(counts) else 0.0,
-            "nfe_per_sample": counts.tolist(),
-            "steps": self.steps,
-            "rule": self.rule,
-        }
+        return nfe_stats(self.nfe_per_sample, self.steps, self.rule)
 
 
 def as_guider(

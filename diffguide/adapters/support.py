@@ -47,6 +47,11 @@ class PipelineSupport:
     #: the denoiser input carries reference-image tokens after the generated ones (Qwen-Image
     #: Edit), counted by ``img_shapes[0][0]``: rules see the generated tokens only
     reference_tokens: bool = False
+    #: the scheduler's sigmas are EDM sigmas and the denoiser sees ``(x0 + sigma noise) / (1 + sigma)``
+    #: (Cosmos 2 preconditions its input with ``c_in = 1 / (1 + sigma)``)
+    edm_sigmas: bool = False
+    #: call arguments the adapter cannot serve, with the reason (refused at call time)
+    refused_arguments: dict[str, str] = field(default_factory=dict)
     #: x0-space rules refused, with the reason (the pipeline preconditions the output itself)
     x0_refused: str = ""
     #: denoiser arguments without a batch dimension (never row-sliced)
@@ -100,7 +105,14 @@ PIPELINES: dict[str, PipelineSupport] = {
     # --- two calls per step, cache_context names -------------------------------------------------
     "FluxPipeline": _two_call(scale=_TRUE_CFG, needs_negative=True, unbatched=_FLUX_IDS),
     "FluxImg2ImgPipeline": _two_call(scale=_TRUE_CFG, needs_negative=True, unbatched=_FLUX_IDS),
-    "Flux2KleinPipeline": _two_call(scale={"*": "call:guidance_scale"}, unbatched=_FLUX_IDS),
+    "Flux2KleinPipeline": _two_call(
+        scale={"*": "call:guidance_scale"},
+        unbatched=_FLUX_IDS,
+        refused_arguments={
+            "image": "adds reference-image tokens to each call, which diffguide does not yet separate from the "
+            "generated ones: call it without image=, or without diffguide"
+        },
+    ),
     "QwenImagePipeline": _two_call(
         scale=_TRUE_CFG,
         needs_negative=True,
@@ -137,6 +149,7 @@ PIPELINES: dict[str, PipelineSupport] = {
     "Kandinsky5T2IPipeline": _two_call(),
     "Cosmos2TextToImagePipeline": _two_call(
         scale_offset=1.0,
+        edm_sigmas=True,
         x0_refused="its transformer output is EDM-preconditioned inside the pipeline (x0 = c_skip x + c_out F)",
         quirks=("c + w (c - u) on x0: a rule sees scale w+1; the affine x0 map commutes with it",),
     ),

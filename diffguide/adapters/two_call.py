@@ -25,15 +25,13 @@ its real ``u`` back, so CFG through diffguide is the pipeline's own output in an
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
-from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..guidance.base import cfg_combine
-from .core import DenoiserCall, GuidanceSession, leading, prediction_of, with_prediction
+from .core import DenoiserCall, GuidanceSession, RuleHook, leading, prediction_of, with_prediction
 
 COND_NAMES = ("cond", "pred_cond")
 UNCOND_NAMES = ("uncond", "pred_uncond")
@@ -68,21 +66,14 @@ def return_through_formula(
     return torch.where(_rows(is_cond | is_cfg, cond), exact, inverted)
 
 
-class TwoCallGuidanceHook(ModelHook):
+class TwoCallGuidanceHook(RuleHook):
     """``ModelHook`` running a session's rule on a denoiser called once per branch."""
 
     _is_stateful = True  # so that diffusers pushes cache_context names into ``self.context``
 
     def __init__(self, session: GuidanceSession, component: str):
-        super().__init__()
-        self.session = session
-        self.component = component
+        super().__init__(session, component)
         self.context = StateManager(_NoState)
-        self._signature: inspect.Signature | None = None
-
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self._signature = inspect.signature(module.forward)
-        return module
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         return module
@@ -115,8 +106,8 @@ class TwoCallGuidanceHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         session = self.session
+        call = self.read_call(args, kwargs)
         original = self.fn_ref.original_forward
-        call = DenoiserCall(self._signature, args, kwargs)
         sample = call.sample
         rows = sample.shape[0]
         first_t = call.first_timestep
@@ -126,7 +117,10 @@ class TwoCallGuidanceHook(ModelHook):
             session.start_step(first_t, rows)
             output = original(*args, **kwargs)
             if not session.cfg_active(self.component):
+                # scale <= 1: every rule gives the conditional prediction; an unconditional call
+                # the pipeline still makes (Wan 2.2 at guidance_scale_2=1) gets it back unevaluated
                 session.end_step(None)
+                session.pending = {"component": self.component, "timestep": first_t, "passthrough": output}
                 return output
             step = session.guidance_step(self.component, rows, first_t)
             session.pending = {
@@ -146,6 +140,8 @@ class TwoCallGuidanceHook(ModelHook):
                 f"{session.class_name} made an unconditional denoiser call without a conditional one before it"
             )
         session.pending = None
+        if pending.get("passthrough") is not None:
+            return pending["passthrough"]
         step, uncond_mask, cond = pending["step"], pending["uncond_mask"], pending["cond"]
         output = pending["output"]
         if uncond_mask.all():

@@ -44,6 +44,12 @@ class GuidanceRule:
     #: the space :meth:`combine` works in: raw ``"model_output"`` or ``"denoised"`` (x0)
     space: str = "model_output"
 
+    @property
+    def uses_noise_level(self) -> bool:
+        """Whether the rule reads the step's alpha/sigma (x0-space rules, noise-level bands):
+        an adapter that cannot give them refuses the rule instead of passing NaN."""
+        return self.space == "denoised"
+
     def reset(self) -> None:
         """Forget per-call state; the adapter calls this when a new sampling call starts."""
 

@@ -42,6 +42,10 @@ class GuidanceInterval(GuidanceRule):
         self.sigma_hi = float(sigma_hi)
         self.space = check_space(space)
 
+    @property
+    def uses_noise_level(self) -> bool:
+        return True
+
     def uncond_mask(self, batch_size: int, step: GuidanceStep) -> torch.Tensor:
         noise_level = (step.sigma.double() / step.alpha.double()).cpu().expand(batch_size)
         return in_interval(noise_level, self.sigma_lo, self.sigma_hi)
