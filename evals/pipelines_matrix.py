@@ -134,6 +134,8 @@ def main() -> None:
         rows.append(cells)
     matrix = markdown_table(["build", "pipeline class", *CHECKS.values(), "max relative error"], rows)
 
+    tested = {type(built).__name__ for built in sys.modules["test_reach"]._BUILT.values()}
+    tested |= {"StableDiffusionXLModularPipeline", "HunyuanVideo15Pipeline"}  # guider tests
     table_rows = []
     for name, entry in PIPELINES.items():
         scale = ", ".join(f"{k}: {v}" if k != "*" else v for k, v in entry.scale.items())
@@ -141,8 +143,13 @@ def main() -> None:
         layout = {"batched": f"batched {entry.order}", "two_call": "two calls", "refused": "refused"}[
             entry.kind
         ]
-        table_rows.append([f"`{name}`", layout, "" if entry.kind == "refused" else f"`{scale}`", notes])
-    support = markdown_table(["pipeline class", "kind", "CFG scale read from", "quirks / reason"], table_rows)
+        built = "yes" if name in tested else ("-" if entry.kind == "refused" else "no")
+        table_rows.append(
+            [f"`{name}`", layout, "" if entry.kind == "refused" else f"`{scale}`", built, notes]
+        )
+    support = markdown_table(
+        ["pipeline class", "kind", "CFG scale read from", "tiny build tested", "quirks / reason"], table_rows
+    )
 
     guider = markdown_table(
         ["test (tests/test_guider.py)", "outcome"],
@@ -211,6 +218,10 @@ rules read x_t from the denoiser's input and the noise level from the bound sche
 {guider}
 
 ## The support table (`diffguide/adapters/support.py`)
+
+"tiny build tested: no" marks classes served through the same adapter and table entry as a
+tested sibling (img2img variants, Qwen-Image Edit Plus, Wan I2V, Kandinsky 5 T2V) or by their
+reading of the source alone (Kandinsky 3, Allegro), without a build of their own yet.
 
 {support}
 """

@@ -78,6 +78,9 @@ def _refused(reason: str) -> PipelineSupport:
 
 
 _TRUE_CFG = {"*": "call:true_cfg_scale"}
+_TRUE_CFG_QUIRK = (
+    "true CFG only with true_cfg_scale > 1 and a negative prompt; guidance_scale is the distilled embedding's"
+)
 _FLUX_IDS = ("img_ids", "txt_ids")  # (tokens, 3) position ids shared by every sample
 
 #: the support table; keys are diffusers pipeline class names
@@ -103,8 +106,12 @@ PIPELINES: dict[str, PipelineSupport] = {
     # --- batched [cond, uncond] ------------------------------------------------------------------
     "DiTPipeline": _batched(order="cond_first", scale={"*": "call:guidance_scale"}),
     # --- two calls per step, cache_context names -------------------------------------------------
-    "FluxPipeline": _two_call(scale=_TRUE_CFG, needs_negative=True, unbatched=_FLUX_IDS),
-    "FluxImg2ImgPipeline": _two_call(scale=_TRUE_CFG, needs_negative=True, unbatched=_FLUX_IDS),
+    "FluxPipeline": _two_call(
+        scale=_TRUE_CFG, needs_negative=True, unbatched=_FLUX_IDS, quirks=(_TRUE_CFG_QUIRK,)
+    ),
+    "FluxImg2ImgPipeline": _two_call(
+        scale=_TRUE_CFG, needs_negative=True, unbatched=_FLUX_IDS, quirks=(_TRUE_CFG_QUIRK,)
+    ),
     "Flux2KleinPipeline": _two_call(
         scale={"*": "call:guidance_scale"},
         unbatched=_FLUX_IDS,
@@ -116,7 +123,7 @@ PIPELINES: dict[str, PipelineSupport] = {
     "QwenImagePipeline": _two_call(
         scale=_TRUE_CFG,
         needs_negative=True,
-        quirks=("per-token renormalisation to |c| applied by the pipeline on the rule's result",),
+        quirks=("per-token renormalisation to ‖c‖ applied by the pipeline on the rule's result",),
     ),
     "QwenImageEditPipeline": _two_call(
         scale=_TRUE_CFG,
@@ -130,7 +137,7 @@ PIPELINES: dict[str, PipelineSupport] = {
         reference_tokens=True,
         quirks=("image tokens concatenated and sliced off by the pipeline", "per-token renormalisation"),
     ),
-    "HunyuanVideoPipeline": _two_call(scale=_TRUE_CFG, needs_negative=True),
+    "HunyuanVideoPipeline": _two_call(scale=_TRUE_CFG, needs_negative=True, quirks=(_TRUE_CFG_QUIRK,)),
     "CogView4Pipeline": _two_call(),
     "WanPipeline": _two_call(
         scale={"transformer": "attr:_guidance_scale", "transformer_2": "attr:_guidance_scale_2"},
@@ -143,7 +150,7 @@ PIPELINES: dict[str, PipelineSupport] = {
     "ChromaPipeline": _two_call(),
     "Lumina2Pipeline": _two_call(
         negated_output=True,
-        quirks=("renormalisation to |c| and cfg_trunc_ratio kept", "output negated before the scheduler"),
+        quirks=("renormalisation to ‖c‖ and cfg_trunc_ratio kept", "output negated before the scheduler"),
     ),
     "Kandinsky5T2VPipeline": _two_call(),
     "Kandinsky5T2IPipeline": _two_call(),
@@ -151,7 +158,10 @@ PIPELINES: dict[str, PipelineSupport] = {
         scale_offset=1.0,
         edm_sigmas=True,
         x0_refused="its transformer output is EDM-preconditioned inside the pipeline (x0 = c_skip x + c_out F)",
-        quirks=("c + w (c - u) on x0: a rule sees scale w+1; the affine x0 map commutes with it",),
+        quirks=(
+            "c + w (c - u) on x0: a rule sees scale w+1; the affine x0 map commutes with it",
+            "EDM sigmas: noise level sigma, input (x0 + sigma noise) / (1 + sigma)",
+        ),
     ),
     # --- refused ---------------------------------------------------------------------------------
     "FluxKontextPipeline": _refused(
