@@ -89,9 +89,12 @@ def run_call(pipe, call: Callable, args: tuple, kwargs: dict):
         return call(*args, **kwargs)
     session.begin_call(_call_arguments(call, args, kwargs, skip_self=False))
     try:
-        return call(*args, **kwargs)
-    finally:
-        session.end_call()
+        output = call(*args, **kwargs)
+    except BaseException:
+        session.end_call(failed=True)
+        raise
+    session.end_call()
+    return output
 
 
 def _wrapped_class(cls: type) -> type:

@@ -411,3 +411,20 @@ def test_wan22_without_guidance_on_the_low_noise_expert():
     assert nfe == [2 * high_noise + (STEPS - high_noise)] * len(nfe)
     assert rows == sum(nfe)
     assert relative_error(guided, reference) <= 1e-5
+
+
+def test_a_failing_call_raises_its_own_error_and_leaves_no_call_open():
+    case = Case("flux")
+    try:
+        with dg.guided(case.pipe, dg.APG()):
+
+            def stop(pipe, i, t, tensors):
+                raise KeyboardInterrupt  # a user stopping a run mid-way
+
+            with pytest.raises(KeyboardInterrupt):
+                case.run(callback_on_step_end=stop)
+            session = case.pipe.transformer._diffusers_hook.get_hook("diffguide_guidance").session
+            assert session.call_arguments is None and session.pending is None
+            case.run()  # and the next call runs
+    finally:
+        case.close()

@@ -173,11 +173,21 @@ class GuidanceSession:
         self._last_timestep = None
         self.batch_size = None
         self.pending = None
-        self.check_call()
+        try:
+            self.check_call()
+        except Exception:
+            self.call_arguments = None
+            raise
 
-    def end_call(self) -> None:
-        self.finish_pending()
-        self.call_arguments = None
+    def end_call(self, failed: bool = False) -> None:
+        """The pipeline call ended (``failed``: by an exception, which no check may mask)."""
+        try:
+            if failed:
+                self.pending = None
+            else:
+                self.finish_pending()
+        finally:
+            self.call_arguments = None
 
     def finish_pending(self) -> None:
         """Close a two-call step whose pipeline made no unconditional call (Lumina2's truncation)."""
