@@ -26,7 +26,7 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from .adapters.batched import BatchedGuidanceHook
-from .adapters.core import GuidanceSession, nfe_stats, select_rows
+from .adapters.core import GuidanceSession, nfe_stats
 from .adapters.support import support_for
 from .adapters.two_call import TwoCallGuidanceHook
 from .guidance.base import GuidanceRule
@@ -34,7 +34,7 @@ from .guidance.base import GuidanceRule
 HOOK_NAME = "diffguide_guidance"
 ADAPTERS = {"batched": BatchedGuidanceHook, "two_call": TwoCallGuidanceHook}
 
-__all__ = ["apply", "check_pipeline", "guided", "remove", "run_call", "select_rows", "stats"]
+__all__ = ["apply", "check_pipeline", "guided", "remove", "run_call", "stats"]
 
 
 def _denoisers(pipe, component_names: list[str] | None = None) -> dict[str, torch.nn.Module]:
@@ -64,17 +64,14 @@ def _signature(function: Callable) -> inspect.Signature:
     return inspect.signature(function)
 
 
-def _call_arguments(call: Callable, args: tuple, kwargs: dict, skip_self: bool) -> dict[str, Any]:
-    """The arguments of a pipeline call by name, defaults filled, ``**kwargs`` flattened."""
-    signature = _signature(getattr(call, "__func__", call))
-    if hasattr(call, "__self__"):
-        args = (call.__self__, *args)  # the unbound function's signature has ``self``
-        skip_self = True
-    bound = signature.bind(*args, **kwargs)
+def _call_arguments(call: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of a pipeline call (a bound ``__call__``) by name, defaults filled,
+    ``**kwargs`` flattened; the signature is the function's, cached, so ``self`` is bound too."""
+    signature = _signature(call.__func__)
+    bound = signature.bind(call.__self__, *args, **kwargs)
     bound.apply_defaults()
     arguments = dict(bound.arguments)
-    if skip_self:
-        arguments.pop(next(iter(signature.parameters)))
+    arguments.pop(next(iter(signature.parameters)))
     for name, parameter in signature.parameters.items():
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
             arguments.update(arguments.pop(name, {}))
@@ -87,7 +84,7 @@ def run_call(pipe, call: Callable, args: tuple, kwargs: dict):
     session = _session(pipe)
     if session is None:
         return call(*args, **kwargs)
-    session.begin_call(_call_arguments(call, args, kwargs, skip_self=False))
+    session.begin_call(_call_arguments(call, args, kwargs))
     try:
         output = call(*args, **kwargs)
     except BaseException:

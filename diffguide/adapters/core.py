@@ -297,7 +297,12 @@ class GuidanceSession:
         prop = getattr(type(self.pipe), "do_classifier_free_guidance", None)
         if isinstance(prop, property) and not self.pipe.do_classifier_free_guidance:
             return False
-        return self.pipeline_scale(component) + self.support.scale_offset > self.support.min_scale
+        return self.effective_scale(component) > self.support.min_scale
+
+    def effective_scale(self, component: str) -> float:
+        """The scale ``s`` of the pipeline's CFG written as ``u + s (c - u)``: its own scale,
+        plus one where it combines ``c + w (c - u)`` (Cosmos, Kandinsky 3)."""
+        return self.pipeline_scale(component) + self.support.scale_offset
 
     def guidance_step(self, component: str, batch_size: int, timestep: float) -> GuidanceStep:
         """The step as the rule sees it; alpha/sigma are NaN where the scheduler gives none."""
@@ -305,11 +310,12 @@ class GuidanceSession:
         index = getattr(scheduler, "step_index", None)
         index = self.step_index if index is None else index
         try:
-            alpha, sigma = noise_level(scheduler, index)
-            if self.support.edm_sigmas:
+            if self.support.edm_sigmas:  # the denoiser sees (x0 + sigma noise) / (1 + sigma)
                 edm = float(scheduler.sigmas[index])
                 alpha = torch.tensor([1 / (1 + edm)], dtype=torch.float64)
                 sigma = torch.tensor([edm / (1 + edm)], dtype=torch.float64)
+            else:
+                alpha, sigma = noise_level(scheduler, index)
         except ValueError as err:
             if self.rule.uses_noise_level:
                 raise ValueError(
@@ -322,7 +328,7 @@ class GuidanceSession:
             step_index=self.step_index,
             num_steps=len(timesteps) if timesteps is not None else None,
             timestep=timestep,
-            guidance_scale=self.pipeline_scale(component) + self.support.scale_offset,
+            guidance_scale=self.effective_scale(component),
             alpha=alpha.expand(batch_size),
             sigma=sigma.expand(batch_size),
         )
