@@ -1,11 +1,12 @@
 """diffguide: diffusion sampling and guidance methods for Hugging Face diffusers pipelines."""
 
 from . import metrics
+from .adapters.calibration import calibrate_linear_ag
 from .adapters.guider import as_guider
 from .classifier import ClassifierSchedule, DiffusionClassifier
 from .guidance import APG, CFG, AdaptiveGuidance, GuidanceInterval, GuidanceRule, LinearAG, make_rule
 from .hooks import apply, guided, remove, stats
-from .models import DigitsPipeline, load_default_pipeline, load_digits, load_judge
+from .models import DigitsPipeline, load_default_pipeline, load_digits, load_judge, load_pipeline
 from .schedulers import ShortestPathScheduler
 
 __all__ = [
@@ -20,10 +21,12 @@ __all__ = [
     "LinearAG",
     "apply",
     "as_guider",
+    "calibrate_linear_ag",
     "guided",
     "load_default_pipeline",
     "load_digits",
     "load_judge",
+    "load_pipeline",
     "make_rule",
     "metrics",
     "remove",

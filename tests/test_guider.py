@@ -154,7 +154,7 @@ def test_sdxl_ag_partial_switch_is_batch_level(sdxl):
 def test_sdxl_linear_ag_matches_classic(sdxl):
     """LinearAG's estimate and conditional steps run one batch; the result is the hook adapter's."""
     classic, pipe = sdxl
-    rule = LinearAG.calibrate(classic, {**SDXL_CALL, "guidance_scale": SCALE, "output_type": "latent"})
+    rule = dg.calibrate_linear_ag(classic, {**SDXL_CALL, "guidance_scale": SCALE, "output_type": "latent"})
     guider = dg.as_guider(rule, SCALE)
     seen = conditions_per_step(guider)
     latents = run_modular(pipe, guider)
@@ -210,7 +210,7 @@ def test_saved_guider_reloads_to_the_same_rule_and_output(sdxl, tmp_path):
 
 
 def test_config_round_trips_inf_and_linear_ag(tmp_path):
-    interval = dg.as_guider(dg.GuidanceInterval(sigma_lo=0.3), 3.0)
+    interval = dg.as_guider(dg.GuidanceInterval(sigma_lo=0.3, sigma_hi=math.inf), 3.0)
     interval.save_pretrained(tmp_path / "interval")
     assert DiffguideGuidance.from_pretrained(tmp_path / "interval").rule.sigma_hi == math.inf
     coefficients = torch.randn(6, 4, dtype=torch.float64)

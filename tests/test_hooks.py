@@ -151,7 +151,7 @@ def test_no_state_leaks_between_calls(case):
 def test_linear_ag_calibrates_and_runs_its_schedule(case):
     steps = 6
     calls = [{**case.kwargs, "num_inference_steps": steps, "guidance_scale": 5.0}]
-    rule = dg.LinearAG.calibrate(case.pipe, calls)
+    rule = dg.calibrate_linear_ag(case.pipe, calls)
     assert rule.coefficients.shape == (steps, 4) and torch.isfinite(rule.coefficients).all()
     with dg.guided(case.pipe, rule):
         case(steps)
@@ -251,7 +251,7 @@ def test_img2img_runs_the_steps_of_its_own_schedule():
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     kwargs = {"prompt": "a cat", "image": image, "strength": 0.5, "num_inference_steps": 6, "guidance_scale": 5.0,
               "output_type": "latent"}  # fmt: skip
-    rule = dg.LinearAG.calibrate(pipe, kwargs)
+    rule = dg.calibrate_linear_ag(pipe, kwargs)
     assert rule.num_steps == 6 and not rule.coefficients[:3].any()  # steps 0-2 never run at strength 0.5
     schedule = ["cfg", "cfg", "cfg", "cfg", "estimate", "cond"]
     with dg.guided(pipe, rule.with_schedule(schedule)):

@@ -310,7 +310,7 @@ def test_linear_ag_calibrates_and_runs_on_a_two_call_pipeline():
     case = Case("flux")
     try:
         calls = [{**case.kwargs, "num_inference_steps": 6}]
-        rule = dg.LinearAG.calibrate(case.pipe, calls)
+        rule = dg.calibrate_linear_ag(case.pipe, calls)
         assert rule.guidance_scale == case.kwargs["true_cfg_scale"]
         with dg.guided(case.pipe, rule):
             case.run(steps=6)

@@ -4,5 +4,7 @@
   and the reasons for refusals;
 - ``core.py``: the shared session (per-call reset, the step a rule sees, x0 conversion, NFE);
 - ``batched.py``: one denoiser call on ``[uncond, cond]`` (or ``[cond, uncond]``) rows;
-- ``two_call.py``: a conditional and an unconditional call per step.
+- ``two_call.py``: a conditional and an unconditional call per step;
+- ``guider.py``: a rule as a diffusers guider (``dg.as_guider``), for modular pipelines;
+- ``calibration.py``: LinearAG fitted on a pipeline's CFG trajectories (``dg.calibrate_linear_ag``).
 """

@@ -71,27 +71,10 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
-from ..guidance import (
-    APG,
-    CFG,
-    AdaptiveGuidance,
-    GuidanceInterval,
-    GuidanceRule,
-    GuidanceStep,
-    LinearAG,
-    make_rule,
-)
+from ..guidance import GuidanceRule, GuidanceStep, LinearAG, make_rule, method_of
 from ..prediction import noise_level, prediction_kind
 from .core import combine_in_space, leading, nfe_stats
 
-#: rule class -> method name of :func:`diffguide.guidance.make_rule`
-RULE_METHODS: dict[type, str] = {
-    CFG: "cfg",
-    APG: "apg",
-    AdaptiveGuidance: "ag",
-    GuidanceInterval: "interval",
-    LinearAG: "linear-ag",
-}
 #: names under which denoisers take their noisy input when it is passed by keyword
 _SAMPLE_NAMES = ("sample", "hidden_states", "x")
 
@@ -109,12 +92,12 @@ def _jsonable(name: str, value: Any) -> Any:
 def rule_config(rule: GuidanceRule) -> tuple[str, dict[str, Any]]:
     """``(method, params)`` of a built-in rule: its method name and constructor arguments, read from
     the signature and the attributes of the same names (JSON-able)."""
-    method = RULE_METHODS.get(type(rule))
-    if method is None:
+    try:
+        method = method_of(rule).name
+    except ValueError as err:
         raise TypeError(
-            f"as_guider runs diffguide's own rules ({', '.join(c.__name__ for c in RULE_METHODS)}), "
-            f"got {type(rule).__name__}: a guider config must be able to rebuild the rule"
-        )
+            f"as_guider runs diffguide's own rules: {err}; a guider config must rebuild the rule"
+        ) from None
     params = {}
     for name, parameter in inspect.signature(type(rule).__init__).parameters.items():
         if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):

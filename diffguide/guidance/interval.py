@@ -8,13 +8,12 @@ With ``s = sigma / alpha`` the noise level of the step (EDM's sigma):
     D = c               otherwise,
 
 so outside the interval the unconditional prediction is not computed at all. A "CFG cutoff"
-(guidance only for the first, noisiest steps) is the interval ``(sigma_lo, inf)``. The paper's
-interval for EDM2-XXL on ImageNet-512 is (0.28, 5.42]; intervals are model-specific.
+(guidance only for the first, noisiest steps) is the interval ``(sigma_lo, inf)``; ``(0, inf)``
+is CFG. The default is the paper's interval for EDM2-XXL on ImageNet-512, (0.28, 5.42];
+intervals are model-specific.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -32,10 +31,11 @@ class GuidanceInterval(GuidanceRule):
     Args:
         sigma_lo: lower end (exclusive) of the guided noise levels; 0 guides down to the end.
         sigma_hi: upper end (inclusive); ``inf`` guides from the start.
+        Defaults: the paper's EDM2-XXL interval (0.28, 5.42].
         space: where CFG is combined (affine, so both spaces agree up to rounding).
     """
 
-    def __init__(self, sigma_lo: float = 0.0, sigma_hi: float = math.inf, space: str = "model_output"):
+    def __init__(self, sigma_lo: float = 0.28, sigma_hi: float = 5.42, space: str = "model_output"):
         if not 0 <= sigma_lo < sigma_hi:
             raise ValueError(f"need 0 <= sigma_lo < sigma_hi, got sigma_lo={sigma_lo}, sigma_hi={sigma_hi}")
         self.sigma_lo = float(sigma_lo)

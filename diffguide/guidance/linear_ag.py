@@ -7,7 +7,8 @@ combination of quantities already known at that step:
     u_hat_t = sum_k a_{t,k} r_{t,k},   r in (c_t, u_{t-1}, c_{t-1}, 1, ...)
 
 with per-step scalar coefficients ``a_t`` fitted offline by ordinary least squares over
-calibration trajectories sampled with CFG (:meth:`LinearAG.calibrate`). The guided
+calibration trajectories sampled with CFG (:func:`fit_per_step` here; running a pipeline for
+them is the adapters' job, ``diffguide.calibrate_linear_ag``). The guided
 prediction is then CFG with ``u_hat_t``. A schedule says, per step, whether the
 unconditional pass is real (``"cfg"``), estimated (``"estimate"``) or dropped with the
 conditional prediction used alone (``"cond"``). The paper's schedule at 20 steps alternates
@@ -19,7 +20,7 @@ configurable, and ``u_{t-1}`` is the previous step's real or estimated value.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -76,11 +77,29 @@ def fit_coefficients(regressors: torch.Tensor, target: torch.Tensor) -> torch.Te
     return torch.linalg.pinv(gram) @ (design @ target.reshape(-1).double())
 
 
+#: one recorded step of a CFG trajectory: (cond, history of (cond, uncond) before it), uncond
+Observation = tuple[tuple[torch.Tensor, Sequence[tuple[torch.Tensor, torch.Tensor]]], torch.Tensor]
+
+
+def fit_per_step(
+    observations: Sequence[Sequence[Observation]], regressors: Sequence[str], num_steps: int
+) -> torch.Tensor:
+    """(num_steps, K) coefficients: per step, :func:`fit_coefficients` over every trajectory
+    observed there. Steps without observations (an img2img call never runs its first steps)
+    keep zeros; they are never used."""
+    coefficients = torch.zeros(num_steps, len(regressors), dtype=torch.float64)
+    for i, step in enumerate(observations[:num_steps]):
+        if step:
+            stacks = [regressor_stack(regressors, cond, history) for (cond, history), _ in step]
+            coefficients[i] = fit_coefficients(torch.cat(stacks, dim=1), torch.cat([u for _, u in step]))
+    return coefficients
+
+
 class LinearAG(GuidanceRule):
     """CFG whose unconditional prediction is estimated at some steps by a fitted linear model.
 
     Args:
-        coefficients: (num_steps, K) per-step coefficients, from :meth:`calibrate` or :meth:`load`.
+        coefficients: (num_steps, K) per-step coefficients, from :func:`fit_per_step` or :meth:`load`.
         regressors: names of the K regressors (see ``REGRESSORS``).
         schedule: per step ``"cfg"``, ``"estimate"`` or ``"cond"``; default :func:`paper_schedule`.
         space: space of the predictions regressed and combined (``"model_output"`` default).
@@ -158,45 +177,7 @@ class LinearAG(GuidanceRule):
         self._history = [*self._history[-1:], (cond, uncond)]
         return cfg_combine(cond, uncond, step.guidance_scale) if kind != "cond" else cond
 
-    # -- calibration and files ----------------------------------------------------------------
-
-    @classmethod
-    def calibrate(
-        cls,
-        pipe,
-        calls: dict | Iterable[dict],
-        regressors: Sequence[str] = DEFAULT_REGRESSORS,
-        schedule: Sequence[str] | None = None,
-        space: str = "model_output",
-    ) -> LinearAG:
-        """Fit per-step coefficients on CFG trajectories of ``pipe``.
-
-        ``calls`` are keyword arguments of pipeline calls (one dict or several), e.g.
-        ``{"class_labels": list(range(10)) * 20, "num_inference_steps": 20, "guidance_scale": 3}``;
-        all must use the same number of steps and guidance scale.
-        """
-        from ..hooks import guided
-
-        calls = [calls] if isinstance(calls, dict) else list(calls)
-        if not calls:
-            raise ValueError("calibrate needs at least one pipeline call")
-        for key in ("num_inference_steps", "guidance_scale"):
-            if len({call.get(key) for call in calls}) > 1:
-                raise ValueError(f"all calibration calls must use the same {key}")
-        recorder = _TrajectoryRecorder(space)
-        with guided(pipe, recorder):
-            for kwargs in calls:
-                pipe(**kwargs)
-                recorder.reset()
-        # steps an img2img pipeline never runs keep zero coefficients (they are never used)
-        coefficients = torch.zeros(recorder.num_steps, len(regressors), dtype=torch.float64)
-        for i in range(recorder.num_steps):
-            if i < len(recorder.samples) and recorder.samples[i]:
-                coefficients[i] = fit_coefficients(
-                    torch.cat([regressor_stack(regressors, c, h) for c, h in recorder.samples[i]], dim=1),
-                    torch.cat(recorder.targets[i]),
-                )
-        return cls(coefficients, regressors, schedule, space, recorder.guidance_scale)
+    # -- files ------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
         """Write coefficients and settings to ``.safetensors`` or ``.json``."""
@@ -248,33 +229,3 @@ class LinearAG(GuidanceRule):
 
     def __repr__(self) -> str:
         return f"LinearAG(steps={self.num_steps}, regressors={self.regressors}, nfe={self.nfe}, space={self.space!r})"
-
-
-class _TrajectoryRecorder(GuidanceRule):
-    """CFG that records, per step, (cond, history) and the real uncond for the fit."""
-
-    def __init__(self, space: str):
-        self.space = check_space(space)
-        self.samples: list[list[tuple[torch.Tensor, list]]] = []
-        self.targets: list[list[torch.Tensor]] = []
-        self._history: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.num_steps = 0
-        self.guidance_scale: float | None = None
-
-    def reset(self) -> None:
-        self._history = []
-
-    def combine(
-        self, cond: torch.Tensor, uncond: torch.Tensor, uncond_mask: torch.Tensor, step: GuidanceStep
-    ) -> torch.Tensor:
-        i = step.step_index
-        while len(self.samples) <= i:
-            self.samples.append([])
-            self.targets.append([])
-        cond64, uncond64 = cond.detach().double().cpu(), uncond.detach().double().cpu()
-        self.samples[i].append((cond64, list(self._history)))
-        self.targets[i].append(uncond64)
-        self._history = [*self._history[-1:], (cond64, uncond64)]
-        self.num_steps = max(self.num_steps, step.num_steps or 0, i + 1)
-        self.guidance_scale = step.guidance_scale
-        return cfg_combine(cond, uncond, step.guidance_scale)

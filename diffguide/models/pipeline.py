@@ -63,6 +63,8 @@ class DigitsPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents"]
+    #: the model family whose guidance presets suit these models (``diffguide.guidance.registry``)
+    guidance_family = "digits"
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
         super().__init__()
