@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -56,86 +55,162 @@ def _check_output_path(path: Path) -> None:
         raise UsageError(f"cannot write to {path}: permission denied")
 
 
-def _cmd_sample(args: argparse.Namespace) -> int:
-    if args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if args.n < 1:
-        raise UsageError(f"--n must be >= 1, got {args.n}")
-    labels = parse_labels(args.labels)
-    out = Path(args.out)
-    _check_output_path(out)
-
-    from .generation import generate_samples
-    from .images import labelled_grid
-    from .models import load_default_pipeline
-    from .models.pipeline import use_sampler
-    from .nfe import count_nfe
-
-    pipe = load_default_pipeline()
-    if args.sampler != "ddim":
-        use_sampler(pipe, args.sampler)
-    pipe.set_progress_bar_config(disable=False, desc="sampling")
-    class_labels = [label for label in labels for _ in range(args.n)]
-    started = time.perf_counter()
-    with count_nfe(pipe.unet) as nfe:
-        images = generate_samples(
-            pipe,
-            class_labels,
-            seed=args.seed,
-            batch_size=len(class_labels),
-            guidance_scale=args.scale,
-            num_inference_steps=args.steps,
-        )
-    seconds = time.perf_counter() - started
-    labelled_grid(images, [str(label) for label in labels]).save(out)
-    print(
-        f"wrote {out.resolve()}: {len(class_labels)} samples ({len(labels)} labels x {args.n}), "
-        f"{seconds:.1f} s, {nfe.per_sample(len(class_labels)):g} NFE per sample"
-    )
-    return 0
+DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import METHODS
+def _load_cli_pipeline(args: argparse.Namespace):
+    """``--pipeline`` (the embedded digits model by default) on ``--device`` in ``--dtype``."""
+    import torch
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from .models import load_pipeline
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a device; use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: this torch sees no CUDA device; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {args.device}: MPS is not available here; use --device cpu")
+    try:
+        pipe = load_pipeline(args.pipeline)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise UsageError(f"--pipeline {args.pipeline}: {str(err).splitlines()[0]}") from None
+    from .hooks import check_pipeline
+
+    try:
+        check_pipeline(pipe)
+    except TypeError as err:
+        raise UsageError(f"--pipeline {args.pipeline}: {err}") from None
+    if pipe.dtype != getattr(torch, args.dtype):
+        pipe = pipe.to(dtype=getattr(torch, args.dtype))
+    if getattr(args, "sampler", None) is not None:
+        from .models.pipeline import use_sampler
+
+        try:
+            use_sampler(pipe, args.sampler)
+        except (ValueError, AttributeError) as err:
+            raise UsageError(f"--sampler {args.sampler}: {err}") from None
+    return pipe.to(device)
+
+
+def _conditions(args: argparse.Namespace, pipe) -> tuple[list[int] | None, list[str] | None, list[str]]:
+    """(class labels, prompts, one grid-row label per condition): ``--labels`` for
+    class-conditional pipelines, ``--prompt`` (repeatable) for text-to-image ones."""
+    from .compare import is_class_conditional
+
+    if is_class_conditional(pipe):
+        if args.prompt or args.negative_prompt is not None:
+            raise UsageError(f"{type(pipe).__name__} is class-conditional: give --labels, not --prompt")
+        labels = parse_labels(args.labels or "0-9", pipe.num_classes)
+        return [label for label in labels for _ in range(args.n)], None, [str(label) for label in labels]
+    if args.labels is not None:
+        raise UsageError(f"{type(pipe).__name__} takes prompts: give --prompt TEXT, not --labels")
+    if not args.prompt:
+        raise UsageError(f"{type(pipe).__name__} takes prompts: give --prompt TEXT")
+    prompts = [prompt for prompt in args.prompt for _ in range(args.n)]
+    return None, prompts, [prompt if len(prompt) <= 24 else prompt[:23] + "…" for prompt in args.prompt]
+
+
+def parse_params(texts: list[str], methods: list[str]) -> dict[str, dict]:
+    """``--param`` values checked against the registry, per method: ``key=value`` applies to every
+    chosen method with that parameter, ``method.key=value`` to one."""
+    from .guidance import method
+
+    params: dict[str, dict] = {name: {} for name in methods}
+    for text in texts:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--param {text!r}: write key=value or method.key=value, e.g. norm_threshold=5")
+        scope, _, name = key.strip().rpartition(".")
+        targets = [scope] if scope else methods
+        if scope and scope not in methods:
+            raise UsageError(
+                f"--param {text!r}: {scope!r} is not one of the chosen methods ({', '.join(methods)})"
+            )
+        owners = [m for m in targets if name in {p.name for p in method(m).params}]
+        if not owners:
+            known = "; ".join(f"{m}: {', '.join(p.name for p in method(m).params)}" for m in targets)
+            raise UsageError(f"--param {text!r}: no chosen method has a parameter {name!r} ({known})")
+        for owner in owners:
+            param = method(owner).param(name)
+            try:
+                params[owner][name] = param.check(param.parse(value))
+            except ValueError as err:
+                raise UsageError(f"--param {text!r}: {err}") from None
+    return params
+
+
+def _run_methods(args: argparse.Namespace, methods: list[str]) -> int:
+    """The body of ``sample`` and ``compare``: build each rule from the registry, sample on the
+    same seeds, write the grid (a row per method and condition) and print the table."""
+    from .guidance import METHODS
+
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown:
         raise UsageError(
             f"unknown method {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(METHODS)}"
         )
-    if args.steps < 1 or args.n < 1:
-        raise UsageError("--steps and --n must be >= 1")
-    if not args.scale > 1:
-        raise UsageError(f"--scale {args.scale}: guidance rules need a CFG scale > 1")
-    labels = parse_labels(args.labels)
+    for flag, value in (("--steps", args.steps), ("--n", args.n)):
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    params = parse_params(args.param, methods)
     out = Path(args.out)
     _check_output_path(out)
+    pipe = _load_cli_pipeline(args)
+    class_labels, prompts, row_labels = _conditions(args, pipe)
+    if methods != ["cfg"] and not args.scale > 1:
+        raise UsageError(f"--scale {args.scale}: guidance rules need a CFG scale > 1")
 
     import torch
 
-    from .compare import build_rule, compare
+    from .compare import build_rule, compare, resolve_preset
     from .images import labelled_grid
-    from .models import load_default_pipeline, load_judge
 
-    pipe = load_default_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    rules = {name: build_rule(name, pipe, args.scale, args.steps) for name in methods}
-    class_labels = [label for label in labels for _ in range(args.n)]
+    rules, presets = {}, {}
+    for name in methods:
+        try:
+            presets[name] = resolve_preset(name, pipe, args.preset)
+            rules[name] = build_rule(name, pipe, args.scale, args.steps, presets[name], **params[name])
+        except ValueError as err:
+            raise UsageError(f"{name}: {err}") from None
+    judge = None
+    if class_labels is not None and args.pipeline in ("digits", "default"):
+        from .models import load_judge
+
+        judge = load_judge()
     results = compare(
-        pipe, rules, class_labels, seed=args.seed, judge=load_judge(),
-        guidance_scale=args.scale, num_inference_steps=args.steps,
+        pipe, rules, class_labels=class_labels, prompts=prompts, negative_prompt=args.negative_prompt,
+        seed=args.seed, judge=judge, guidance_scale=args.scale, num_inference_steps=args.steps,
     )  # fmt: skip
-    labelled_grid(torch.cat([r.images for r in results]), [r.name for r in results], margin=64).save(out)
+    rows = [f"{r.name} {label}" if len(results) > 1 else label for r in results for label in row_labels]
+    labelled_grid(
+        torch.cat([r.images for r in results]), rows, margin=max(24, 8 + 6 * max(map(len, rows)))
+    ).save(out)
+    samples = len(class_labels or prompts)
+    print(
+        f"wrote {out.resolve()}: {len(results)} method(s) x {samples} samples, seeds {args.seed}-{args.seed + samples - 1}"
+    )
     baseline = next((r for r in results if r.name == "cfg"), results[0])
-    print(f"wrote {out.resolve()}: {len(methods)} methods x {len(class_labels)} samples, same seeds")
-    print(f"{'method':<10} {'NFE/image':>9} {'time (s)':>9} {'time/' + baseline.name:>9} {'judge acc.':>10}")
+    print(
+        f"{'method':<10} {'NFE/image':>9} {'time (s)':>9} {'time/' + baseline.name:>9} {'judge acc.':>10}  rule"
+    )
     for r in results:
+        accuracy = f"{r.judge_accuracy:.0%}" if r.judge_accuracy is not None else "-"
+        preset = f" (preset {presets[r.name]})" if presets[r.name] else ""
         print(
             f"{r.name:<10} {r.nfe_per_image:>9.1f} {r.seconds:>9.2f} "
-            f"{r.seconds / baseline.seconds:>9.2f} {r.judge_accuracy:>10.0%}"
+            f"{r.seconds / baseline.seconds:>9.2f} {accuracy:>10}  {r.rule!r}{preset}"
         )
     return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    return _run_methods(args, [args.method])
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    return _run_methods(args, [m.strip() for m in args.methods.split(",") if m.strip()])
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
@@ -393,27 +468,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sample = sub.add_parser("sample", help="sample the embedded default model to a labelled PNG grid")
-    sample.add_argument("--labels", default="0-9", help="classes, e.g. 0-9, 3 or 1,3,5 (default 0-9)")
-    sample.add_argument("--n", type=int, default=8, help="samples per label (default 8)")
-    sample.add_argument("--scale", type=float, default=3.0, help="CFG guidance scale (default 3)")
-    sample.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    def pipeline_arguments(command, steps: int, n: int) -> None:
+        command.add_argument(
+            "--pipeline", default="digits", metavar="DIR",
+            help="'digits' (the embedded model, default) or a saved diffusers pipeline folder, loaded offline",
+        )  # fmt: skip
+        command.add_argument(
+            "--labels", default=None, help="class-conditional models: e.g. 0-9 (default), 3, 1,3,5"
+        )
+        command.add_argument(
+            "--prompt", action="append", default=[], help="text-to-image: a prompt (repeatable)"
+        )
+        command.add_argument("--negative-prompt", default=None, help="text-to-image: the negative prompt")
+        command.add_argument(
+            "--param", action="append", default=[], metavar="KEY=VALUE",
+            help="a method parameter, e.g. norm_threshold=5 or apg.eta=0.5 (repeatable; checked against the registry)",
+        )  # fmt: skip
+        command.add_argument(
+            "--preset", default="auto",
+            help="named settings of the registry (e.g. digits, sdxl); 'auto' (default): the model family's; 'none'",
+        )  # fmt: skip
+        command.add_argument("--scale", type=float, default=3.0, help="CFG guidance scale (default 3)")
+        command.add_argument("--steps", type=int, default=steps, help=f"sampling steps (default {steps})")
+        command.add_argument("--n", type=int, default=n, help=f"samples per label or prompt (default {n})")
+        command.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default 0)")
+        command.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+        command.add_argument(
+            "--dtype", default="float32", choices=DTYPES, help="weights' dtype (default float32)"
+        )
+
+    from .guidance import METHODS
+
+    sample = sub.add_parser("sample", help="sample a pipeline under one guidance method to a labelled grid")
+    pipeline_arguments(sample, steps=50, n=8)
+    sample.add_argument("--method", default="cfg", help=f"one of {', '.join(METHODS)} (default cfg)")
     sample.add_argument(
-        "--sampler", default="ddim", choices=sorted(SAMPLERS), help="scheduler (default ddim)"
+        "--sampler",
+        default=None,
+        choices=sorted(SAMPLERS),
+        help="swap the scheduler (default: the pipeline's)",
     )
-    sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", default="grid.png", help="image file to write (.png, .jpg, .webp)")
     sample.set_defaults(func=_cmd_sample)
 
-    compare = sub.add_parser("compare", help="guidance rules side by side on the same seeds")
+    compare = sub.add_parser("compare", help="guidance methods side by side on the same seeds")
+    pipeline_arguments(compare, steps=20, n=1)
     compare.add_argument(
-        "--methods", default="cfg,apg,ag,linear-ag", help="comma-separated: cfg, apg, ag, linear-ag"
+        "--methods", default="cfg,apg,ag,linear-ag", help=f"comma-separated, from {', '.join(METHODS)}"
     )
-    compare.add_argument("--scale", type=float, default=3.0, help="CFG guidance scale (default 3)")
-    compare.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
-    compare.add_argument("--labels", default="0-9", help="classes (default 0-9)")
-    compare.add_argument("--n", type=int, default=1, help="samples per label (default 1)")
-    compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--out", default="compare.png", help="image file to write")
     compare.set_defaults(func=_cmd_compare)
 

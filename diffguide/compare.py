@@ -1,14 +1,17 @@
-"""Run several guidance rules on the same seeds and compare cost and outcome.
+"""Run several guidance rules on the same seeds and compare cost and outcome, on any pipeline.
 
-``build_rule(name, pipe, ...)`` turns a method name (``cfg``, ``apg``, ``ag``, ``linear-ag``)
-into a rule with this project's defaults for the embedded digits model; ``compare`` samples
-each rule with identical seeds and reports NFE per image, wall time and, when a judge is
-given, how many samples show the class asked for. The CLI's ``compare`` and the Gradio demo
-are thin over this module.
+``build_rule(name, pipe, ...)`` turns a method name into a rule from the registry
+(``diffguide/guidance/registry.py``), at the preset of the pipeline's model family when the
+method has one (``preset="auto"``: the digits model's measured APG cap, the paper's SDXL values).
+``compare`` samples each rule with identical seeds, on class labels (the embedded digits model)
+or prompts (any text-to-image pipeline), and reports NFE per image, wall time and, when a judge
+is given, how many samples show the class asked for. The CLI's ``sample`` / ``compare`` and the
+Gradio demo are thin over this module.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,17 +19,44 @@ from pathlib import Path
 
 import torch
 
+from .adapters.calibration import calibrate_linear_ag
+from .adapters.support import support_for
 from .generation import generate_samples
-from .guidance import APG, CFG, AdaptiveGuidance, GuidanceRule, LinearAG
+from .guidance import GuidanceRule, LinearAG, method
+from .hooks import guided, stats
 
-#: the rules with defaults chosen for the digits model (``build_rule``)
-METHODS = ("cfg", "apg", "ag", "linear-ag")
 #: LinearAG coefficients shipped with the default model, keyed by (guidance scale, steps)
 SHIPPED_LINEAR_AG = {(3.0, 20): "linear_ag_w3_20steps.safetensors"}
 CALIBRATION_SEED = 100_000
 
 
-def calibrate_linear_ag(
+def family_of(pipe) -> str | None:
+    """The model family whose presets suit ``pipe`` (``"digits"``, ``"sdxl"``), if known."""
+    family = getattr(pipe, "guidance_family", None)
+    if family is None and "StableDiffusionXL" in type(pipe).__name__:
+        family = "sdxl"
+    return family
+
+
+def is_class_conditional(pipe) -> bool:
+    """Whether ``pipe`` is called with class labels (the digits pipelines) rather than prompts."""
+    return getattr(pipe, "num_classes", None) is not None and "class_labels" in _call_parameters(pipe)
+
+
+def _call_parameters(pipe) -> set[str]:
+    return set(inspect.signature(type(pipe).__call__).parameters)
+
+
+def scale_argument(pipe) -> str:
+    """The call argument holding the CFG scale diffguide's rules see (``true_cfg_scale`` on
+    Flux and Qwen-Image, ``guidance_scale`` elsewhere)."""
+    if is_class_conditional(pipe):
+        return "guidance_scale"
+    where, name = support_for(pipe)[1].scale_source("*").split(":", 1)
+    return name if where == "call" else name.lstrip("_")
+
+
+def calibrate_on_labels(
     pipe, guidance_scale: float, num_inference_steps: int, trajectories: int = 200
 ) -> LinearAG:
     """LinearAG fitted on ``trajectories`` CFG runs of a class-conditional pipeline (classes
@@ -42,26 +72,52 @@ def calibrate_linear_ag(
         }
         for start in range(0, trajectories, 100)
     ]  # fmt: skip
-    return LinearAG.calibrate(pipe, calls)
+    return calibrate_linear_ag(pipe, calls)
 
 
-def build_rule(name: str, pipe, guidance_scale: float, num_inference_steps: int) -> GuidanceRule:
-    """The rule called ``name`` with the defaults chosen for the digits model (docs/guidance.md)."""
-    if name == "cfg":
-        return CFG()
-    if name == "apg":
-        # the paper's recipe with the cap set for this model's x0 scale (docs/guidance.md)
-        return APG(eta=0.0, norm_threshold=2.0, momentum=-0.5)
-    if name == "ag":
-        return AdaptiveGuidance(threshold=0.991)
-    if name == "linear-ag":
-        shipped = SHIPPED_LINEAR_AG.get((float(guidance_scale), int(num_inference_steps)))
-        from .models import DEFAULT_MODEL_DIR
+def resolve_preset(name: str, pipe, preset: str | None = "auto") -> str | None:
+    """The preset ``build_rule`` uses: ``"auto"`` picks the pipeline family's, if the method has
+    one; ``None`` or ``"none"``: the registry's defaults."""
+    if preset in (None, "none"):
+        return None
+    if preset != "auto":
+        return preset
+    family = family_of(pipe)
+    return family if family in method(name).presets else None
 
-        if shipped is not None and (Path(DEFAULT_MODEL_DIR) / shipped).is_file():
-            return LinearAG.load(Path(DEFAULT_MODEL_DIR) / shipped)
-        return calibrate_linear_ag(pipe, guidance_scale, num_inference_steps)
-    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+
+def build_rule(
+    name: str,
+    pipe,
+    guidance_scale: float,
+    num_inference_steps: int,
+    preset: str | None = "auto",
+    **params,
+) -> GuidanceRule:
+    """The rule ``name`` from the registry, at ``preset`` (see :func:`resolve_preset`) and
+    ``params``. LinearAG without ``coefficients`` uses the coefficients shipped with the default
+    model, or calibrates on a class-conditional pipeline (about 200 CFG runs)."""
+    entry = method(name)
+    preset = resolve_preset(name, pipe, preset)
+    if name == "linear-ag" and params.get("coefficients") in (None, ""):
+        entry.settings(preset, **{k: v for k, v in params.items() if k != "coefficients"})
+        return _linear_ag_for(pipe, guidance_scale, num_inference_steps)
+    return entry.make(preset, **params)
+
+
+def _linear_ag_for(pipe, guidance_scale: float, num_inference_steps: int) -> LinearAG:
+    from .models import DEFAULT_MODEL_DIR
+
+    if not is_class_conditional(pipe):
+        raise ValueError(
+            f"linear-ag on {type(pipe).__name__} needs coefficients calibrated on it: "
+            "dg.calibrate_linear_ag(pipe, calls).save(FILE), then coefficients=FILE"
+        )
+    shipped = SHIPPED_LINEAR_AG.get((float(guidance_scale), int(num_inference_steps)))
+    same_model = Path(getattr(pipe, "name_or_path", "") or "").resolve() == Path(DEFAULT_MODEL_DIR).resolve()
+    if shipped is not None and same_model and (Path(DEFAULT_MODEL_DIR) / shipped).is_file():
+        return LinearAG.load(Path(DEFAULT_MODEL_DIR) / shipped)
+    return calibrate_on_labels(pipe, guidance_scale, num_inference_steps)
 
 
 @dataclass
@@ -69,33 +125,84 @@ class MethodResult:
     """One rule's samples and costs in a comparison."""
 
     name: str
+    rule: GuidanceRule
     images: torch.Tensor
     nfe_per_image: float
     seconds: float
     judge_accuracy: float | None = None
 
 
+def prompt_call(
+    pipe,
+    prompts: Sequence[str],
+    negative_prompt: str | None,
+    seed: int,
+    guidance_scale: float,
+    num_inference_steps: int,
+) -> dict:
+    """Keyword arguments of one text-to-image call: sample ``i`` seeded ``seed + i``, the scale
+    passed where the pipeline takes the scale our rules see, images as tensors in [0, 1]."""
+    accepted = _call_parameters(pipe)
+    if negative_prompt is None and support_for(pipe)[1].needs_negative:
+        negative_prompt = ""  # true CFG runs only with a negative prompt: the empty one is CFG's
+    if negative_prompt is not None and "negative_prompt" not in accepted:
+        raise ValueError(f"{type(pipe).__name__} takes no negative prompt")
+    kwargs = {
+        "prompt": list(prompts),
+        "generator": [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))],
+        "num_inference_steps": num_inference_steps,
+        scale_argument(pipe): guidance_scale,
+        "output_type": "pt",
+    }
+    if negative_prompt is not None:
+        kwargs["negative_prompt"] = [negative_prompt] * len(prompts)
+    return kwargs
+
+
+def _images_of(output, pipe) -> torch.Tensor:
+    images = output.images if hasattr(output, "images") else output[0]
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise ValueError(
+            f"{type(pipe).__name__} does not return a batch of images (video pipelines are not served by "
+            "diffguide compare); use dg.apply(pipe, rule) in Python"
+        )
+    return images.float().cpu()
+
+
 def compare(
     pipe,
     rules: dict[str, GuidanceRule],
-    class_labels: Sequence[int],
+    class_labels: Sequence[int] | None = None,
+    prompts: Sequence[str] | None = None,
+    negative_prompt: str | None = None,
     seed: int = 0,
     judge=None,
-    **pipe_kwargs,
+    guidance_scale: float = 3.0,
+    num_inference_steps: int = 20,
 ) -> list[MethodResult]:
-    """Sample ``class_labels`` under each rule with the same seeds (sample i: ``seed + i``)."""
+    """Sample under each rule with the same seeds (sample ``i``: ``seed + i``), on
+    ``class_labels`` (class-conditional pipelines) or ``prompts``."""
+    if (class_labels is None) == (prompts is None):
+        raise ValueError("compare needs class_labels (class-conditional pipelines) or prompts, not both")
     results = []
-    labels = torch.as_tensor(list(class_labels))
     for name, rule in rules.items():
-        nfe: list[int] = []
         started = time.perf_counter()
-        images = generate_samples(
-            pipe, labels, seed=seed, batch_size=len(labels), guidance=rule, nfe_per_sample=nfe, **pipe_kwargs
-        )
+        if class_labels is not None:
+            nfe: list[int] = []
+            labels = torch.as_tensor(list(class_labels))
+            images = generate_samples(
+                pipe, labels, seed=seed, batch_size=len(labels), guidance=rule, nfe_per_sample=nfe,
+                guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+            )  # fmt: skip
+        else:
+            call = prompt_call(pipe, prompts, negative_prompt, seed, guidance_scale, num_inference_steps)
+            with guided(pipe, rule):
+                images = _images_of(pipe(**call), pipe)
+                nfe = stats(pipe)["nfe_per_sample"]
         seconds = time.perf_counter() - started
         accuracy = None
-        if judge is not None:
+        if judge is not None and class_labels is not None:
             with torch.no_grad():
                 accuracy = (judge(images).argmax(1) == labels).float().mean().item()
-        results.append(MethodResult(name, images, sum(nfe) / len(nfe), seconds, accuracy))
+        results.append(MethodResult(name, rule, images, sum(nfe) / len(nfe), seconds, accuracy))
     return results

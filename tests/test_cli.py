@@ -47,7 +47,9 @@ def test_sample_writes_labelled_grid_and_reports(tmp_path):
          "--out", str(out)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert "NFE per sample" in result.stdout and "4 NFE" in result.stdout and str(out) in result.stdout
+    assert str(out) in result.stdout and "6 samples" in result.stdout
+    cfg_row = result.stdout.splitlines()[2].split()
+    assert cfg_row[:2] == ["cfg", "4.0"]  # 2 steps x (cond + uncond)
     grid = PIL.Image.open(out)
     assert grid.size == (24 + 3 * (56 + 2), 2 * (56 + 2))
 
@@ -76,10 +78,14 @@ def test_compare_runs_each_method_on_the_same_seeds(tmp_path, capsys):
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     table = {line.split()[0]: line.split() for line in lines[2:]}
+    assert "norm_threshold=2.0" in " ".join(table["apg"]) and "(preset digits)" in lines[3]
     assert set(table) == {"cfg", "apg", "ag", "linear-ag"}
     assert float(table["cfg"][1]) == 8.0 and float(table["apg"][1]) == 8.0
     assert float(table["linear-ag"][1]) == 2 + 1 + 1 + 1  # paper schedule at 4 steps
-    assert PIL.Image.open(out).size == (64 + 2 * (56 + 2), 4 * (56 + 2))
+    assert PIL.Image.open(out).size == (
+        8 + 6 * len("linear-ag 1") + 56 + 2,
+        8 * (56 + 2),
+    )  # a row per method and label
 
 
 @pytest.mark.parametrize(
@@ -130,3 +136,62 @@ def test_classify_bad_input_exits_with_one_line(tmp_path, capsys):
         assert main(["classify", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
+
+
+def _saved(build, folder):
+    build().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_compare_runs_on_a_saved_text_to_image_pipeline(family, tmp_path, capsys):
+    from tiny_flow_two_call import tiny_flux
+    from tiny_pipelines import tiny_sd
+
+    folder = _saved({"sd": tiny_sd, "flux": tiny_flux}[family], tmp_path / family)
+    out = tmp_path / "grid.png"
+    args = ["compare", "--pipeline", folder, "--prompt", "a cat", "--methods", "cfg,apg,ag", "--steps", "2"]
+    assert main([*args, "--param", "ag.threshold=-1", "--out", str(out)]) == 0, capsys.readouterr().err
+    lines = capsys.readouterr().out.splitlines()
+    table = {line.split()[0]: line.split() for line in lines[2:]}
+    assert set(table) == {"cfg", "apg", "ag"}
+    assert [float(table[m][1]) for m in ("cfg", "apg", "ag")] == [4.0, 4.0, 3.0]  # AG switches at step 0
+    assert "AdaptiveGuidance(threshold=-1.0" in lines[-1]
+    assert PIL.Image.open(out).size[1] > 0
+
+
+def test_sample_refuses_what_a_pipeline_cannot_take(tmp_path, capsys):
+    from tiny_pipelines import tiny_sd
+
+    folder = _saved(tiny_sd, tmp_path / "sd")
+    out = ["--out", str(tmp_path / "g.png")]
+    cases = [
+        (["--pipeline", folder], "takes prompts: give --prompt TEXT"),
+        (["--pipeline", folder, "--labels", "3"], "not --labels"),
+        (["--prompt", "a cat"], "is class-conditional: give --labels"),
+        (["--pipeline", str(tmp_path)], "is not a diffusers pipeline folder: no model_index.json"),
+        (["--pipeline", str(tmp_path / "missing")], "is not a folder"),
+        (["--method", "apg", "--param", "norm_threshold=-2"], "norm_threshold must be from 0 to 1000"),
+        (["--method", "apg", "--param", "momentum=x"], "momentum must be from -0.99 to 0.99, got 'x'"),
+        (["--method", "apg", "--param", "threshold=0.9"], "no chosen method has a parameter 'threshold'"),
+        (["--method", "apg", "--param", "eta"], "write key=value"),
+        (["--method", "apg", "--preset", "sd15"], "apg has no preset 'sd15'"),
+        (["--device", "cuda:7"] if not torch_cuda() else ["--device", "nowhere"], "--device"),
+        (
+            ["--pipeline", folder, "--prompt", "a", "--method", "linear-ag"],
+            "needs coefficients calibrated on it",
+        ),
+    ]
+    capsys.readouterr()
+    for extra, message in cases:
+        assert main(["sample", "--steps", "1", "--n", "1", *extra, *out]) == 2, extra
+        errors = [
+            line for line in capsys.readouterr().err.splitlines() if "error" in line
+        ]  # not the loading bars
+        assert len(errors) == 1 and message in errors[0], (extra, errors)
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

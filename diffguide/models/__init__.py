@@ -35,9 +35,45 @@ def load_default_pipeline(device: str | torch.device = "cpu") -> DigitsPipeline:
     return pipe.to(device)
 
 
+def load_pipeline(name_or_folder: str | Path = "digits", device: str | torch.device = "cpu"):
+    """An embedded model by name (``"digits"``, also ``"default"``) or any pipeline folder that
+    ``DiffusionPipeline.from_pretrained`` loads offline (a ``save_pretrained`` output), with
+    ``DigitsPipeline`` folders loaded as such. Raises ``FileNotFoundError`` for a folder that is
+    not a pipeline, naming what is missing."""
+    if str(name_or_folder) in ("digits", "default"):
+        return load_default_pipeline(device)
+    import json
+
+    folder = Path(name_or_folder)
+    index = folder / "model_index.json"
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder} is not a folder; name an embedded model (digits) or a pipeline folder"
+        )
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a diffusers pipeline folder: no model_index.json (save one with pipe.save_pretrained)"
+        )
+    if json.loads(index.read_text()).get("_class_name") == "DigitsPipeline":
+        pipe = DigitsPipeline.from_pretrained(folder)
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
 def load_judge(device: str | torch.device = "cpu") -> DigitJudge:
     """The judge CNN shipped with the default model: images (B, 1, 28, 28) in [0, 1] -> logits."""
     return load_judge_from(JUDGE_DIR).to(device)
 
 
-__all__ = ["DigitJudge", "DigitsPipeline", "load_default_pipeline", "load_digits", "load_judge"]
+__all__ = [
+    "DigitJudge",
+    "DigitsPipeline",
+    "load_default_pipeline",
+    "load_digits",
+    "load_judge",
+    "load_pipeline",
+]
