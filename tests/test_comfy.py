@@ -45,7 +45,7 @@ def _run(patcher, cond_scale=5.0, batch=3, sigmas=SIGMAS):
 
 def test_apg_node_equals_diffguides_apg_on_the_same_tensors():
     (patched,) = NODE_CLASS_MAPPINGS["DiffguideAPG"]().patch(
-        _patcher(), eta=0.0, norm_threshold=1.5, momentum=-0.5
+        _patcher(), eta=0.0, norm_threshold=1.5, momentum=-0.5, space="denoised", formulation="paper"
     )
     cond, uncond = _conds()
     torch.manual_seed(1)
@@ -65,7 +65,7 @@ def test_apg_node_equals_diffguides_apg_on_the_same_tensors():
 def test_apg_node_reduces_to_comfys_plain_cfg():
     plain = _run(_patcher())
     (patched,) = NODE_CLASS_MAPPINGS["DiffguideAPG"]().patch(
-        _patcher(), eta=1.0, norm_threshold=0.0, momentum=0.0
+        _patcher(), eta=1.0, norm_threshold=0.0, momentum=0.0, space="denoised", formulation="paper"
     )
     torch.testing.assert_close(_run(patched), plain, rtol=1e-5, atol=1e-5)
 
@@ -92,7 +92,7 @@ def test_ag_node_stops_calling_the_model_for_uncond_after_the_switch():
     _run(plain)
     assert plain.model.rows == {"cond": 15, "uncond": 15}  # 5 steps x 3 samples
     (patched,) = NODE_CLASS_MAPPINGS["DiffguideAdaptiveGuidance"]().patch(
-        _patcher(), threshold=-1.0, min_steps=2
+        _patcher(), threshold=-1.0, space="denoised", min_steps=2
     )
     _run(patched)
     assert patched.model.rows == {"cond": 15, "uncond": 3 * 3}  # guided at steps 0-2, switched after step 2
@@ -101,7 +101,7 @@ def test_ag_node_stops_calling_the_model_for_uncond_after_the_switch():
 def test_ag_node_matches_diffguides_rule_sample_by_sample():
     threshold = 0.9995
     (patched,) = NODE_CLASS_MAPPINGS["DiffguideAdaptiveGuidance"]().patch(
-        _patcher(), threshold=threshold, min_steps=0
+        _patcher(), threshold=threshold, space="denoised", min_steps=0
     )
     result = _run(patched)
     # reference: the rule by hand on the same Euler loop, uncond evaluated for every row
@@ -126,7 +126,7 @@ def test_ag_node_matches_diffguides_rule_sample_by_sample():
 
 def test_uncond_keeps_its_position_so_comfy_labels_it_uncond():
     (patched,) = NODE_CLASS_MAPPINGS["DiffguideAdaptiveGuidance"]().patch(
-        _patcher(), threshold=-1.0, min_steps=2
+        _patcher(), threshold=-1.0, space="denoised", min_steps=2
     )
     _run(patched)
     assert {name for position, name in patched.model.positions if position == 1} == {"uncond"}
@@ -135,20 +135,20 @@ def test_uncond_keeps_its_position_so_comfy_labels_it_uncond():
 
 def test_two_skipping_nodes_chain_without_losing_state():
     ag = NODE_CLASS_MAPPINGS["DiffguideAdaptiveGuidance"]()
-    (patched,) = ag.patch(_patcher(), threshold=-1.0, min_steps=2)
-    (patched,) = NODE_CLASS_MAPPINGS["DiffguideCFGInterval"]().patch(
-        patched, sigma_start=10000.0, sigma_end=0.0
+    (patched,) = ag.patch(_patcher(), threshold=-1.0, space="denoised", min_steps=2)
+    (patched,) = NODE_CLASS_MAPPINGS["DiffguideGuidanceInterval"]().patch(
+        patched, sigma_lo=0.0, sigma_hi=10000.0, space="model_output"
     )
     result = _run(patched)
     assert torch.isfinite(result).all()
     assert patched.model.rows == {"cond": 15, "uncond": 9}  # the inner AG still skips after its switch
-    (alone,) = ag.patch(_patcher(), threshold=-1.0, min_steps=2)
+    (alone,) = ag.patch(_patcher(), threshold=-1.0, space="denoised", min_steps=2)
     torch.testing.assert_close(result, _run(alone), rtol=1e-5, atol=1e-5)  # AG's switch still decides
 
 
 def test_consecutive_one_step_runs_each_start_afresh():
     (patched,) = NODE_CLASS_MAPPINGS["DiffguideAdaptiveGuidance"]().patch(
-        _patcher(), threshold=-1.0, min_steps=0
+        _patcher(), threshold=-1.0, space="denoised", min_steps=0
     )
     sigmas = torch.tensor([2.0, 0.0])
     first, second = _run(patched, sigmas=sigmas), _run(patched, sigmas=sigmas)
@@ -158,7 +158,7 @@ def test_consecutive_one_step_runs_each_start_afresh():
 
 def test_state_resets_between_runs():
     (patched,) = NODE_CLASS_MAPPINGS["DiffguideAdaptiveGuidance"]().patch(
-        _patcher(), threshold=-1.0, min_steps=2
+        _patcher(), threshold=-1.0, space="denoised", min_steps=2
     )
     first = _run(patched)
     second = _run(patched)
@@ -168,7 +168,7 @@ def test_state_resets_between_runs():
 
 def test_cfg_scale_one_passes_through_without_uncond():
     (patched,) = NODE_CLASS_MAPPINGS["DiffguideAdaptiveGuidance"]().patch(
-        _patcher(), threshold=0.99, min_steps=0
+        _patcher(), threshold=0.99, space="denoised", min_steps=0
     )
     plain = _patcher()
     torch.testing.assert_close(_run(patched, cond_scale=1.0), _run(plain, cond_scale=1.0))
@@ -176,13 +176,13 @@ def test_cfg_scale_one_passes_through_without_uncond():
 
 
 def test_interval_node_guides_only_inside_and_skips_uncond_outside():
-    (patched,) = NODE_CLASS_MAPPINGS["DiffguideCFGInterval"]().patch(
-        _patcher(), sigma_start=6.0, sigma_end=1.0
+    (patched,) = NODE_CLASS_MAPPINGS["DiffguideGuidanceInterval"]().patch(
+        _patcher(), sigma_lo=1.0, sigma_hi=6.0, space="model_output"
     )
     _run(patched)
     assert patched.model.rows["uncond"] == 2 * 3  # sigma 6.0 and 2.5 lie in (1, 6]
-    (everywhere,) = NODE_CLASS_MAPPINGS["DiffguideCFGInterval"]().patch(
-        _patcher(), sigma_start=10000.0, sigma_end=0.0
+    (everywhere,) = NODE_CLASS_MAPPINGS["DiffguideGuidanceInterval"]().patch(
+        _patcher(), sigma_lo=0.0, sigma_hi=10000.0, space="model_output"
     )
     torch.testing.assert_close(_run(everywhere), _run(_patcher()), rtol=1e-5, atol=1e-5)
 
@@ -192,7 +192,7 @@ def test_linear_ag_node_runs_a_saved_schedule(tmp_path):
     schedule = ["cfg", "estimate", "cfg", "cond", "cond"]
     rule = LinearAG(torch.zeros(steps, 3), ("cond", "prev_cond", "prev_uncond"), schedule, "denoised", 5.0)
     path = rule.save(tmp_path / "coefficients.safetensors")
-    (patched,) = NODE_CLASS_MAPPINGS["DiffguideLinearAG"]().patch(_patcher(), coefficients_path=str(path))
+    (patched,) = NODE_CLASS_MAPPINGS["DiffguideLinearAG"]().patch(_patcher(), coefficients=str(path))
     _run(patched)
     assert patched.model.rows == {"cond": 15, "uncond": 2 * 3}
     # with the saved all-"cfg" schedule it is ComfyUI's CFG
@@ -200,35 +200,39 @@ def test_linear_ag_node_runs_a_saved_schedule(tmp_path):
         torch.zeros(steps, 3), ("cond", "prev_cond", "prev_uncond"), ["cfg"] * steps, "denoised", 5.0
     )
     (patched,) = NODE_CLASS_MAPPINGS["DiffguideLinearAG"]().patch(
-        _patcher(), coefficients_path=str(all_cfg.save(tmp_path / "cfg.json"))
+        _patcher(), coefficients=str(all_cfg.save(tmp_path / "cfg.json"))
     )
     torch.testing.assert_close(_run(patched), _run(_patcher()), rtol=1e-5, atol=1e-5)
 
 
 def test_the_input_model_is_not_modified():
     original = _patcher()
-    NODE_CLASS_MAPPINGS["DiffguideAdaptiveGuidance"]().patch(original, threshold=0.99, min_steps=0)
+    NODE_CLASS_MAPPINGS["DiffguideAdaptiveGuidance"]().patch(
+        original, threshold=0.99, space="denoised", min_steps=0
+    )
     assert "sampler_calc_cond_batch_function" not in original.model_options
     assert "sampler_pre_cfg_function" not in original.model_options
 
 
 def _validate(node_id: str, inputs: dict) -> list[str]:
     """ComfyUI's input checks (execution.py's validate_inputs): the declared min/max for inputs
-    that VALIDATE_INPUTS does not name, then VALIDATE_INPUTS with the inputs it names."""
+    that VALIDATE_INPUTS does not name, unless it takes **kwargs (then it gets them all and
+    ComfyUI checks none itself), then VALIDATE_INPUTS with the inputs it receives."""
     import inspect
 
     node = NODE_CLASS_MAPPINGS[node_id]
-    named = set(inspect.signature(node.VALIDATE_INPUTS).parameters)
+    spec = inspect.getfullargspec(node.VALIDATE_INPUTS)
+    named, has_kwargs = set(spec.args), spec.varkw is not None
     errors = []
-    for name, spec in node.INPUT_TYPES()["required"].items():
-        if name not in inputs or name in named or spec[0] not in ("FLOAT", "INT"):
+    for name, spec_ in node.INPUT_TYPES()["required"].items():
+        if name not in inputs or name in named or has_kwargs or spec_[0] not in ("FLOAT", "INT"):
             continue
-        options, value = spec[1], inputs[name]
+        options, value = spec_[1], inputs[name]
         if "min" in options and value < options["min"]:
             errors.append(f"Value {value} smaller than min of {options['min']}")
         if "max" in options and value > options["max"]:
             errors.append(f"Value {value} bigger than max of {options['max']}")
-    verdict = node.VALIDATE_INPUTS(**{k: v for k, v in inputs.items() if k in named})
+    verdict = node.VALIDATE_INPUTS(**{k: v for k, v in inputs.items() if k in named or has_kwargs})
     if verdict is not True:
         errors.append(verdict)
     return errors
@@ -237,20 +241,18 @@ def _validate(node_id: str, inputs: dict) -> list[str]:
 @pytest.mark.parametrize(
     ("node_id", "inputs", "message"),
     [
-        ("DiffguideAPG", {"eta": 0.0, "norm_threshold": -1.0, "momentum": 0.0}, "smaller than min of 0.0"),
-        ("DiffguideAPG", {"eta": 0.0, "norm_threshold": 1.0, "momentum": 1.0}, "bigger than max of 0.99"),
-        ("DiffguideLinearAG", {"coefficients_path": ""}, "coefficients_path is empty"),
-        ("DiffguideLinearAG", {"coefficients_path": "/nonexistent.safetensors"}, "is not a file"),
-        (
-            "DiffguideCFGInterval",
-            {"sigma_start": 1.0, "sigma_end": 2.0},
-            "sigma_end must be below sigma_start",
-        ),
-        ("DiffguideCFGInterval", {"sigma_start": 5.0, "sigma_end": -1.0}, "smaller than min of 0.0"),
-        ("DiffguideAdaptiveGuidance", {"threshold": 2.0, "min_steps": 0}, "bigger than max of 1.5"),
-        ("DiffguideAdaptiveGuidance", {"threshold": float("nan"), "min_steps": 0}, "is not a number"),
+        ("DiffguideAPG", {"eta": 0.0, "norm_threshold": -1.0, "momentum": 0.0}, "norm_threshold must be from 0 to 1000, or inf"),
+        ("DiffguideAPG", {"eta": 0.0, "norm_threshold": 1.0, "momentum": 1.0}, "momentum must be from -0.99 to 0.99"),
+        ("DiffguideAPG", {"space": "latent"}, "space must be one of model_output, denoised"),
+        ("DiffguideLinearAG", {"coefficients": ""}, "linear-ag needs calibrated coefficients"),
+        ("DiffguideLinearAG", {"coefficients": "/nonexistent.safetensors"}, "does not exist"),
+        ("DiffguideGuidanceInterval", {"sigma_lo": 2.0, "sigma_hi": 1.0}, "need 0 <= sigma_lo < sigma_hi"),
+        ("DiffguideGuidanceInterval", {"sigma_lo": -1.0, "sigma_hi": 5.0}, "sigma_lo must be from 0 to 10000"),
+        ("DiffguideAdaptiveGuidance", {"threshold": 2.0, "min_steps": 0}, "threshold must be from -1 to 1.5"),
+        ("DiffguideAdaptiveGuidance", {"threshold": float("nan"), "min_steps": 0}, "threshold must be from -1"),
+        ("DiffguideAdaptiveGuidance", {"threshold": 0.99, "min_steps": 1.5}, "min_steps must be a whole number"),
     ],
-)
+)  # fmt: skip
 def test_bad_node_inputs_get_comfy_style_validation_errors(node_id, inputs, message):
     errors = _validate(node_id, inputs)
     assert errors and message in errors[0]
@@ -260,8 +262,7 @@ def test_a_corrupt_coefficients_file_is_refused(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     assert (
-        "is not a LinearAG coefficients file"
-        in _validate("DiffguideLinearAG", {"coefficients_path": str(bad)})[0]
+        "is not a LinearAG coefficients file" in _validate("DiffguideLinearAG", {"coefficients": str(bad)})[0]
     )
 
 
@@ -322,6 +323,7 @@ def test_v3_wrappers_build_from_the_v1_nodes_when_comfy_api_is_present(monkeypat
         Schema=lambda **fields: fields,
         NodeOutput=lambda *values: values,
         Model=_Input("MODEL"), Float=_Input("FLOAT"), Int=_Input("INT"), String=_Input("STRING"),
+        Combo=_Input("COMBO"),
     )  # fmt: skip
     latest = types.ModuleType("comfy_api.latest")
     latest.io, latest.ComfyExtension = io, type("ComfyExtension", (), {})

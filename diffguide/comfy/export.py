@@ -29,7 +29,7 @@ __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
 
 PYPROJECT = """[project]
 name = "comfyui-diffguide"
-description = "APG (paper formula), Adaptive Guidance, LinearAG and CFG-interval nodes from diffguide"
+description = "Guidance nodes from diffguide: CFG, APG (paper formula), Adaptive Guidance, LinearAG, guidance interval"
 version = "{version}"
 license = {{ text = "MIT" }}
 dependencies = ["diffguide>={version}"]
@@ -40,6 +40,19 @@ DisplayName = "diffguide guidance"
 Icon = ""
 """
 
+
+def _readme() -> str:
+    """The folder's README: one line per node, from the method registry."""
+    from ..guidance import METHODS
+    from .nodes import NODE_DISPLAY_NAME_MAPPINGS, node_id
+
+    lines = [
+        f"- **{NODE_DISPLAY_NAME_MAPPINGS[node_id(entry)]}**: " + ", ".join(p.name for p in entry.params)
+        for entry in METHODS.values()
+    ]
+    return README.format(nodes="\n".join(lines))
+
+
 README = """# diffguide nodes for ComfyUI
 
 Written by `diffguide export-comfy`. The nodes live in the `diffguide` package; this folder
@@ -47,13 +60,9 @@ only re-exports them. Install: `pip install diffguide` in ComfyUI's Python, then
 ComfyUI with this folder in `custom_nodes/`.
 
 Nodes (category `sampling/diffguide`), each between the model loader and the KSampler, whose
-`cfg` is the guidance scale:
+`cfg` is the guidance scale; inputs, defaults and ranges come from diffguide's method registry:
 
-- **APG, paper formula**: eta, norm_threshold (0 = no cap), momentum.
-- **Adaptive Guidance**: threshold, min_steps. After a sample's switch its unconditional
-  batch is not computed.
-- **LinearAG**: coefficients_path, a file from `LinearAG.calibrate(...).save(path)`.
-- **CFG interval / cutoff**: sigma_start, sigma_end.
+{nodes}
 
 Details: https://github.com/diffguide/diffguide/blob/main/docs/comfyui.md
 """
@@ -75,6 +84,10 @@ def export_comfy(folder: str | Path, overwrite: bool = False) -> list[Path]:
     written = []
     for name, text in FILES.items():
         path = folder / name
-        path.write_text(text.format(version=__version__) if name == "pyproject.toml" else text)
+        if name == "pyproject.toml":
+            text = text.format(version=__version__)
+        elif name == "README.md":
+            text = _readme()
+        path.write_text(text)
         written.append(path)
     return written

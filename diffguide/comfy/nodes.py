@@ -1,6 +1,7 @@
-"""diffguide's guidance rules as ComfyUI nodes (V1 API): each takes a MODEL and returns a
-clone with the rule attached (:mod:`diffguide.comfy.patch`). The math is
-:mod:`diffguide.guidance`'s; nothing is re-implemented here.
+"""diffguide's guidance methods as ComfyUI nodes (V1 API), one per entry of the method registry
+(``diffguide/guidance/registry.py``): the inputs, their defaults, ranges and tooltips, the
+validation and the rule each node builds all come from there. Each node takes a MODEL and
+returns a clone with the rule attached (:mod:`diffguide.comfy.patch`); nothing is computed here.
 
 Put a node between the checkpoint loader and the KSampler; the KSampler's ``cfg`` is the
 guidance scale ``w`` the rule uses.
@@ -8,189 +9,64 @@ guidance scale ``w`` the rule uses.
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
-from ..guidance import APG, AdaptiveGuidance, GuidanceInterval, LinearAG
+from ..guidance import METHODS, Method, Param
 from .patch import attach
 
 CATEGORY = "sampling/diffguide"
 
 
-def range_error(node: type, **values) -> str | None:
-    """The declared min/max check, worded as ComfyUI words it. ComfyUI skips its own check for
-    every input that ``VALIDATE_INPUTS`` names, so each node's ``VALIDATE_INPUTS`` calls this."""
-    required = node.INPUT_TYPES()["required"]
-    for name, value in values.items():
-        options = required[name][1] if len(required[name]) > 1 else {}
-        if not isinstance(value, (int, float)) or value != value:  # NaN
-            return f"{name}: {value!r} is not a number"
-        if "min" in options and value < options["min"]:
-            return f"{name}: Value {value} smaller than min of {options['min']}"
-        if "max" in options and value > options["max"]:
-            return f"{name}: Value {value} bigger than max of {options['max']}"
-    return None
+def input_spec(param: Param) -> tuple:
+    """A registry parameter as a ComfyUI V1 input: ``(TYPE, options)`` or ``(choices, options)``."""
+    options = {"default": param.widget_value(param.default), "tooltip": f"{param.doc} ({param.range_text})"}
+    if param.kind == "choice":
+        return (list(param.choices), options)
+    if param.kind == "path":
+        return ("STRING", {**options, "default": param.default or "", "multiline": False})
+    bounds = {"min": param.low, "max": param.high, "step": param.step}
+    return ("FLOAT" if param.kind == "float" else "INT", {**options, **bounds})
 
 
-class _ModelPatchNode:
-    """What every node here shares: MODEL in, a patched clone out, in our category."""
-
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
+def node_id(entry: Method) -> str:
+    """The node's id in ComfyUI workflows: ``Diffguide`` + the rule class name."""
+    return f"Diffguide{entry.rule.__name__}"
 
 
-class DiffguideAPG(_ModelPatchNode):
-    """Adaptive Projected Guidance (Sadat et al., ICLR 2025) as the paper writes it:
-    ``D = D_c + (w - 1) (g_orth + eta g_par)`` with reverse momentum and a norm cap."""
+def node_class(entry: Method) -> type:
+    """The V1 node class of one registry entry."""
 
-    DESCRIPTION = __doc__
+    def input_types(cls):
+        return {"required": {"model": ("MODEL",), **{p.name: input_spec(p) for p in entry.params}}}
 
-    @classmethod
-    def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's name)
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "eta": ("FLOAT", {"default": 0.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                  "tooltip": "share of the parallel component kept (1 with no cap or momentum = CFG)"}),
-                "norm_threshold": ("FLOAT", {"default": 15.0, "min": 0.0, "max": 1000.0, "step": 0.1,
-                                             "tooltip": "cap r on the guidance norm in x0 units; 0 = no cap"}),
-                "momentum": ("FLOAT", {"default": -0.5, "min": -0.99, "max": 0.99, "step": 0.01,
-                                       "tooltip": "beta of m <- g + beta m; the paper uses -0.5"}),
-            }
-        }  # fmt: skip
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, eta=0.0, norm_threshold=15.0, momentum=-0.5):  # noqa: N802
-        message = range_error(cls, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
-        if message:
-            return message
-        if norm_threshold < 0:
-            return f"norm_threshold must be >= 0 (0 for no cap), got {norm_threshold!r}"
-        if not -1 < momentum < 1:
-            return f"momentum must be in (-1, 1), got {momentum!r}"
-        return True
-
-    def patch(self, model, eta: float, norm_threshold: float, momentum: float):
-        cap = float(norm_threshold) if norm_threshold > 0 else math.inf
-        return (
-            attach(
-                model, APG(eta=float(eta), norm_threshold=cap, momentum=float(momentum)), skips_uncond=False
-            ),
-        )
-
-
-class DiffguideAdaptiveGuidance(_ModelPatchNode):
-    """Adaptive Guidance (Castillo et al., 2023): CFG until the cosine of the conditional and
-    unconditional x0 predictions reaches the threshold, per sample; after that the
-    unconditional batch is not computed at all."""
-
-    DESCRIPTION = __doc__
-
-    @classmethod
-    def INPUT_TYPES(cls):  # noqa: N802
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "threshold": ("FLOAT", {"default": 0.991, "min": -1.0, "max": 1.5, "step": 0.001,
-                                        "tooltip": "gamma_bar; above 1 never switches (plain CFG)"}),
-                "min_steps": ("INT", {"default": 0, "min": 0, "max": 1000,
-                                      "tooltip": "no sample switches before this step"}),
-            }
-        }  # fmt: skip
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, threshold=0.991, min_steps=0):  # noqa: N802
-        message = range_error(cls, threshold=threshold, min_steps=min_steps)
-        if message:
-            return message
-        if not isinstance(min_steps, int):
-            return f"min_steps must be a whole number >= 0, got {min_steps!r}"
-        return True
-
-    def patch(self, model, threshold: float, min_steps: int):
-        rule = AdaptiveGuidance(threshold=float(threshold), min_steps=int(min_steps))
-        return (attach(model, rule, skips_uncond=True),)
-
-
-class DiffguideLinearAG(_ModelPatchNode):
-    """LinearAG (Castillo et al., 2023): at the schedule's estimate steps the unconditional
-    prediction is a per-step linear function of past predictions, with coefficients from a
-    file written by ``LinearAG.calibrate(...).save(path)`` for this model, scale and steps."""
-
-    DESCRIPTION = __doc__
-
-    @classmethod
-    def INPUT_TYPES(cls):  # noqa: N802
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "coefficients_path": ("STRING", {"default": "", "multiline": False,
-                                                 "tooltip": "a .safetensors or .json file from LinearAG.save"}),
-            }
-        }  # fmt: skip
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, coefficients_path=""):  # noqa: N802
-        if not coefficients_path:
-            return "coefficients_path is empty: give the file written by LinearAG.calibrate(...).save(path)"
-        if not Path(coefficients_path).is_file():
-            return f"coefficients_path {coefficients_path!r} is not a file"
+    def validate_inputs(cls, **inputs):
+        # with **kwargs ComfyUI skips its own min/max and choice checks for every input and passes
+        # them all here: the registry's checks, and the rule's own, are the node's
         try:
-            LinearAG.load(coefficients_path)
+            entry.make(None, **{k: v for k, v in inputs.items() if k != "model"})
         except ValueError as err:
             return str(err)
         return True
 
-    def patch(self, model, coefficients_path: str):
-        return (attach(model, LinearAG.load(coefficients_path), skips_uncond=True),)
+    def patch(self, model, **inputs):
+        return (attach(model, entry.make(None, **inputs), skips_uncond=entry.skips_uncond),)
+
+    doc = f"{entry.title} ({entry.paper}), the registry's {entry.name!r} method."
+    return type(
+        node_id(entry),
+        (),
+        {
+            "__doc__": doc,
+            "DESCRIPTION": doc,
+            "CATEGORY": CATEGORY,
+            "RETURN_TYPES": ("MODEL",),
+            "FUNCTION": "patch",
+            "INPUT_TYPES": classmethod(input_types),
+            "VALIDATE_INPUTS": classmethod(validate_inputs),
+            "patch": patch,
+            "method": entry,
+        },
+    )
 
 
-class DiffguideCFGInterval(_ModelPatchNode):
-    """Guidance in a limited interval (Kynkaanniemi et al., NeurIPS 2024): CFG only while the
-    noise level sigma is in (sigma_end, sigma_start]; elsewhere the conditional prediction
-    alone, without computing the unconditional one. sigma_start at its maximum = a CFG cutoff."""
+NODE_CLASS_MAPPINGS = {node_id(entry): node_class(entry) for entry in METHODS.values()}
 
-    DESCRIPTION = __doc__
-
-    @classmethod
-    def INPUT_TYPES(cls):  # noqa: N802
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "sigma_start": ("FLOAT", {"default": 5.42, "min": 0.0, "max": 10000.0, "step": 0.01,
-                                          "tooltip": "guidance from this noise level down (10000 = from the start)"}),
-                "sigma_end": ("FLOAT", {"default": 0.28, "min": 0.0, "max": 10000.0, "step": 0.01,
-                                        "tooltip": "to this one (0 = to the end)"}),
-            }
-        }  # fmt: skip
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, sigma_start=5.42, sigma_end=0.28):  # noqa: N802
-        message = range_error(cls, sigma_start=sigma_start, sigma_end=sigma_end)
-        if message:
-            return message
-        if not sigma_end < sigma_start:
-            return (
-                f"sigma_end must be below sigma_start, got sigma_start={sigma_start}, sigma_end={sigma_end}"
-            )
-        return True
-
-    def patch(self, model, sigma_start: float, sigma_end: float):
-        high = math.inf if sigma_start >= 10000.0 else float(sigma_start)
-        return (attach(model, GuidanceInterval(sigma_lo=float(sigma_end), sigma_hi=high), skips_uncond=True),)
-
-
-NODE_CLASS_MAPPINGS = {
-    "DiffguideAPG": DiffguideAPG,
-    "DiffguideAdaptiveGuidance": DiffguideAdaptiveGuidance,
-    "DiffguideLinearAG": DiffguideLinearAG,
-    "DiffguideCFGInterval": DiffguideCFGInterval,
-}
-
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "DiffguideAPG": "APG, paper formula (diffguide)",
-    "DiffguideAdaptiveGuidance": "Adaptive Guidance (diffguide)",
-    "DiffguideLinearAG": "LinearAG (diffguide)",
-    "DiffguideCFGInterval": "CFG interval / cutoff (diffguide)",
-}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id(entry): f"{entry.title} (diffguide)" for entry in METHODS.values()}

@@ -1,4 +1,5 @@
-"""The same nodes through ComfyUI's V3 schema API, built from the V1 definitions.
+"""The same nodes through ComfyUI's V3 schema API, built from the V1 definitions (and so from
+the method registry).
 
 Only defined where ``comfy_api.latest`` imports (a ComfyUI with the V3 API); elsewhere
 ``comfy_entrypoint`` is ``None`` and ComfyUI uses the V1 mappings.
@@ -16,9 +17,10 @@ except ImportError:
 
 def _input(io, name: str, spec: tuple):
     kind, options = spec[0], dict(spec[1]) if len(spec) > 1 else {}
-    options.pop("multiline", None)
     if kind == "MODEL":
         return io.Model.Input(name)
+    if isinstance(kind, list):  # a V1 combo: its choices come first
+        return io.Combo.Input(name, options=kind, **options)
     factory = {"FLOAT": io.Float, "INT": io.Int, "STRING": io.String}[kind]
     return factory.Input(name, **options)
 
