@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 import numpy as np
@@ -132,8 +133,8 @@ def test_linear_ag_is_calibrated_once_per_model_scale_and_steps(tmp_path, regist
     import diffguide.compare as compare
 
     calls = []
-    real = compare.calibrate_linear_ag
-    monkeypatch.setattr(compare, "calibrate_linear_ag",
+    real = compare.calibrate_on_labels
+    monkeypatch.setattr(compare, "calibrate_on_labels",
                         lambda pipe, w, steps, trajectories=4: calls.append((w, steps)) or real(pipe, w, steps, 4))  # fmt: skip
     registry.get("default").pipe.save_pretrained(tmp_path / "mine")
     mine = core.ModelRegistry([tmp_path / "mine"])
@@ -201,6 +202,181 @@ def test_concurrent_requests_for_one_model_do_not_mix_guidance_state(registry):
         assert results[method].nfe == sample.nfe
 
 
+# --- method parameters: from the registry -------------------------------------------------------
+
+
+def _changed(param, value, coefficients):
+    """A setting of ``param`` other than ``value`` (the page's untouched one), in range."""
+    if param.kind == "path":
+        return str(coefficients)
+    if param.kind == "choice":
+        return next(c for c in param.choices if c != value)
+    if param.infinite is not None and value != param.infinite:
+        return param.infinite  # also proves the widget's stand-in for inf reaches the rule
+    return param.low if value != param.low else param.high
+
+
+@pytest.fixture(scope="module")
+def coefficients(tmp_path_factory):
+    """A LinearAG file for 20 steps at w = 3: zeros, every step real CFG (so nfe 40, not the shipped 25)."""
+    from diffguide.guidance import LinearAG
+
+    path = tmp_path_factory.mktemp("linear-ag") / "zeros.safetensors"
+    return LinearAG(torch.zeros(20, 4), schedule=["cfg"] * 20, guidance_scale=3.0).save(path)
+
+
+@pytest.fixture(scope="module")
+def text_model():
+    """A tiny random-weight SDXL pipeline (family "sdxl": APG's paper preset) as the app holds models."""
+    from tiny_pipelines import tiny_sdxl
+
+    return core.LoadedModel("tiny-sdxl", tiny_sdxl())
+
+
+def test_method_names_are_the_registry():
+    from diffguide.guidance import METHODS
+
+    assert core.METHOD_NAMES == tuple(METHODS) and "interval" in core.METHOD_NAMES
+    assert core.PARAM_KEYS == tuple((m.name, p.name) for m in METHODS.values() for p in m.params)
+
+
+@pytest.mark.parametrize("name", core.METHOD_NAMES)
+def test_untouched_controls_build_the_registry_rule(registry, name):
+    from diffguide import make_rule
+    from diffguide.compare import SHIPPED_LINEAR_AG, build_rule, resolve_preset
+    from diffguide.models import DEFAULT_MODEL_DIR
+
+    model = registry.get("default")
+    rule = core.make_method(name, model, 3.0, 20, core.page_values(name, model))
+    # linear-ag left empty on the default model at w = 3, 20 steps: the shipped coefficients
+    shipped = {"coefficients": DEFAULT_MODEL_DIR / SHIPPED_LINEAR_AG[3.0, 20]} if name == "linear-ag" else {}
+    expected = make_rule(name, preset=resolve_preset(name, model.pipe), **shipped)
+    assert repr(rule) == repr(expected) == repr(build_rule(name, model.pipe, 3.0, 20))
+    assert core.page_preset(name, model) == ("digits" if name in ("apg", "ag") else None)
+
+
+@pytest.mark.parametrize("name", core.METHOD_NAMES)
+def test_untouched_controls_on_a_text_model_build_its_rule(text_model, coefficients, name):
+    from diffguide import make_rule
+    from diffguide.compare import build_rule, resolve_preset
+
+    values = core.page_values(name, text_model)
+    if name == "linear-ag":  # no coefficients for a text model: refused, saying what to do
+        with pytest.raises(core.AppError, match="needs coefficients calibrated on it.*coefficients box"):
+            core.make_method(name, text_model, 3.0, 20, values)
+        values = {"coefficients": str(coefficients)}
+    rule = core.make_method(name, text_model, 3.0, 20, values)
+    expected = make_rule(
+        name, preset=resolve_preset(name, text_model.pipe), **values if name == "linear-ag" else {}
+    )
+    assert repr(rule) == repr(expected) == repr(build_rule(name, text_model.pipe, 3.0, 20, **values))
+    if name == "apg":  # the SDXL preset (the paper's cap), not the digits model's
+        assert values["norm_threshold"] == 15.0 and rule.norm_threshold == 15.0
+
+
+@pytest.mark.parametrize("key", core.PARAM_KEYS, ids=["-".join(key) for key in core.PARAM_KEYS])
+def test_a_changed_control_reaches_the_rule(registry, coefficients, key):
+    from diffguide import make_rule
+    from diffguide.compare import resolve_preset
+    from diffguide.guidance import METHODS
+
+    name, param_name = key
+    model = registry.get("default")
+    param = METHODS[name].param(param_name)
+    values = core.page_values(name, model)
+    setting = _changed(param, values[param_name], coefficients)
+    rule = core.make_method(name, model, 3.0, 20, {**values, param_name: setting})
+    expected = make_rule(name, preset=resolve_preset(name, model.pipe), **{param_name: setting})
+    assert repr(rule) == repr(expected)
+    assert repr(rule) != repr(core.make_method(name, model, 3.0, 20, values))
+
+
+def test_a_bad_parameter_gets_the_registry_message(registry, tmp_path):
+    from diffguide.guidance import METHODS
+
+    def registry_message(name, param, value):
+        with pytest.raises(ValueError) as err:
+            METHODS[name].param(param).check(value)
+        return re.escape(f"{name}: {err.value}")
+
+    model = registry.get("default")
+    with pytest.raises(core.AppError, match=registry_message("apg", "norm_threshold", -1.0)):
+        core.make_method("apg", model, 3.0, 4, {"norm_threshold": -1.0})
+    with pytest.raises(core.AppError, match=registry_message("ag", "space", "pixels")):
+        core.make_method("ag", model, 3.0, 4, {"space": "pixels"})
+    with pytest.raises(core.AppError, match="cfg has no parameter 'eta'"):
+        core.make_method("cfg", model, 3.0, 4, {"eta": 1.0})
+    with pytest.raises(core.AppError, match="linear-ag.*: LinearAG coefficients file .* does not exist"):
+        core.make_method("linear-ag", model, 3.0, 4, {"coefficients": str(tmp_path / "missing.safetensors")})
+
+
+def test_compare_takes_each_methods_parameters(registry):
+    # AG at threshold -1 switches at once: CFG at step 0, the conditional pass alone after it
+    samples = core.compare(registry, "default", "7", ["cfg", "ag"], 3.0, 4, 2, {"ag": {"threshold": -1.0}})
+    assert [s.nfe for s in samples] == [8, 5]
+    interval = core.compare(registry, "default", "7", ["interval"], 3.0, 4, 2)[0]
+    assert 4 <= interval.nfe <= 8 and interval.image.size == (224, 224)
+
+
+def _by_id(demo) -> dict:
+    return {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+
+
+@pytest.fixture(scope="module")
+def built(registry):
+    pytest.importorskip("gradio")
+    from diffguide.app import ui
+
+    return ui.build_app(registry)
+
+
+@pytest.mark.parametrize("tab", ["generate", "compare"])
+def test_the_page_has_a_control_for_every_registry_parameter(registry, built, tab):
+    import gradio as gr
+
+    from diffguide.compare import resolve_preset
+    from diffguide.guidance import METHODS
+
+    blocks, pipe = _by_id(built), registry.get("default").pipe
+    made = {key for key in blocks if key.startswith(f"{tab}-param-")}
+    assert made == {f"{tab}-param-{name}-{param}" for name, param in core.PARAM_KEYS}
+    for name, entry in METHODS.items():
+        preset = resolve_preset(name, pipe)
+        assert isinstance(blocks[f"{tab}-method-{name}"], gr.Accordion)
+        if entry.presets:  # the preset dropdown starts at the default model's (digits) or at none
+            assert blocks[f"{tab}-preset-{name}"].value == (preset or "registry defaults")
+        settings = entry.settings(preset)
+        for param in entry.params:
+            control = blocks[f"{tab}-param-{name}-{param.name}"]
+            shown = param.widget_value(settings[param.name])
+            assert control.value == (shown if shown is not None else "")
+            assert param.doc in control.label and param.range_text in control.info
+            if param.kind in ("float", "int"):
+                assert isinstance(control, gr.Slider | gr.Number)
+                assert (control.minimum, control.maximum) == (param.low, param.high)
+            elif param.kind == "choice":
+                assert [value for _, value in control.choices] == list(param.choices)
+            else:
+                assert isinstance(control, gr.Textbox)
+    # the APG cap: the digits preset's 2 (the registry default, 15, is in its info line)
+    cap = blocks[f"{tab}-param-apg-norm_threshold"]
+    assert cap.value == 2.0 and "registry default 15" in cap.info
+
+
+def test_changing_the_model_fills_in_its_presets(registry, text_model):
+    from diffguide.app import ui
+    from diffguide.guidance import METHODS
+
+    filled = ui.model_filled(registry, "default")
+    with_presets = [name for name, entry in METHODS.items() if entry.presets]
+    assert filled[: len(with_presets)] == ["digits", "digits", "registry defaults"]  # apg, ag, interval
+    page = {name: core.page_values(name, registry.get("default")) for name in METHODS}
+    assert filled[len(with_presets) :] == [page[name][param] for name, param in core.PARAM_KEYS]
+    sdxl = ui._preset_filled("apg", "sdxl")  # picking a preset fills in its values
+    assert sdxl == list(core.preset_values("apg", "sdxl").values()) and sdxl[1] == 15.0
+    assert ui._preset_filled("apg", "registry defaults") == list(core.preset_values("apg").values())
+
+
 # --- the served app ---------------------------------------------------------------------------
 
 
@@ -228,21 +404,44 @@ def client(served):
     return Client(served.local_url, verbose=False, analytics_enabled=False)
 
 
+def _page(registry, **changes) -> list:
+    """The page's parameter controls as sent when untouched (``PARAM_KEYS`` order), with
+    ``changes`` keyed ``method__param`` (``-`` in names as ``_``)."""
+    model = registry.get("default")
+    values = [core.page_values(name, model)[param] for name, param in core.PARAM_KEYS]
+    for key, value in changes.items():
+        values[[f"{n}__{p}".replace("-", "_") for n, p in core.PARAM_KEYS].index(key)] = value
+    return values
+
+
 def test_app_binds_to_loopback_only(served):
     assert served.server_name == "127.0.0.1"
     assert served.local_url.startswith("http://127.0.0.1:")
 
 
-def test_app_generate_tab(client):
-    image, cost = client.predict(
-        "default", "3", "cfg", 3.0, 4, 0, 0.0, 2.0, -0.5, 0.991, api_name="/generate"
-    )
+def test_app_generate_tab(client, registry):
+    image, cost = client.predict("default", "3", "cfg", 3.0, 4, 0, *_page(registry), api_name="/generate")
     assert PIL.Image.open(image).size == (224, 224) and "| cfg | 8 |" in cost
+    # AG above any cosine never switches: CFG's NFE
+    _, cost = client.predict(
+        "default", "3", "ag", 3.0, 4, 0, *_page(registry, ag__threshold=1.5), api_name="/generate"
+    )
+    assert "| ag | 8 |" in cost
 
 
-def test_app_compare_tab_and_concurrent_requests_match_single_runs(client):
+def test_app_compare_tab_passes_each_methods_parameters(client, registry):
+    # AG at threshold -1 switches at step 0: one CFG step, then the conditional pass alone
+    _, cost = client.predict(
+        "default", "7", ["cfg", "ag"], 3.0, 4, 0, *_page(registry, ag__threshold=-1.0), api_name="/compare"
+    )
+    assert "| cfg | 8 |" in cost and "| ag | 5 |" in cost
+    _, cost = client.predict("default", "7", ["ag"], 3.0, 4, 0, *_page(registry), api_name="/compare")
+    assert "| ag | 5 |" not in cost  # the digits threshold, 0.991, switches later
+
+
+def test_app_compare_tab_and_concurrent_requests_match_single_runs(client, registry):
     def ask(method):
-        return client.submit("default", "6", [method], 3.0, 5, 3, api_name="/compare")
+        return client.submit("default", "6", [method], 3.0, 5, 3, *_page(registry), api_name="/compare")
 
     alone = {m: ask(m).result() for m in ("apg", "ag")}
     jobs = {m: ask(m) for m in ("apg", "ag")}  # both in flight at once
@@ -274,17 +473,26 @@ def test_app_classify_tab(client, tmp_path):
     assert f"Diffusion Classifier: **{int(labels[1])}**" in summary
 
 
-def test_app_shows_bad_input_as_a_message_and_keeps_serving(client):
+def test_app_shows_bad_input_as_a_message_and_keeps_serving(client, registry):
     from gradio_client.exceptions import AppError as ClientAppError
 
+    page = _page(registry)
     # the page's slider range is the rule's: Gradio checks it first, with its own message
     with pytest.raises(ClientAppError, match="less than minimum value 1|steps must be between 1 and 200"):
-        client.predict("default", "3", "cfg", 3.0, 0, 0, 0.0, 2.0, -0.5, 0.991, api_name="/generate")
+        client.predict("default", "3", "cfg", 3.0, 0, 0, *page, api_name="/generate")
     with pytest.raises(ClientAppError, match="class from 0 to 9"):
-        client.predict("default", "x", "cfg", 3.0, 4, 0, 0.0, 2.0, -0.5, 0.991, api_name="/generate")
+        client.predict("default", "x", "cfg", 3.0, 4, 0, *page, api_name="/generate")
+    # a parameter's range is the registry's, checked by the widget and again in core
+    with pytest.raises(ClientAppError, match="less than minimum value -1|threshold must be a number"):
+        client.predict(
+            "default", "3", "ag", 3.0, 4, 0, *_page(registry, ag__threshold=-2.0), api_name="/generate"
+        )
+    with pytest.raises(ClientAppError, match="coefficients file .*missing.json does not exist"):
+        wrong = _page(registry, linear_ag__coefficients="missing.json")
+        client.predict("default", "3", "linear-ag", 3.0, 4, 0, *wrong, api_name="/generate")
     with pytest.raises(ClientAppError, match="sketch is empty"):
         client.predict(
             {"background": None, "layers": [], "composite": None}, None, "fast", api_name="/classify"
         )
-    image, _ = client.predict("default", "1", "ag", 3.0, 3, 0, 0.0, 2.0, -0.5, 0.991, api_name="/generate")
+    image, _ = client.predict("default", "1", "ag", 3.0, 3, 0, *page, api_name="/generate")
     assert PIL.Image.open(image).size == (224, 224)

@@ -16,18 +16,22 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
 
-from ..compare import build_rule
-from ..guidance import APG, AdaptiveGuidance, GuidanceRule
+from ..compare import build_rule, is_class_conditional, prompt_call, resolve_preset
+from ..guidance import METHODS, GuidanceRule, Param
 from ..hooks import guided, stats
 from ..images import labelled_grid, to_pil
 
 DEFAULT_MODEL = "default"
-METHOD_NAMES = ("cfg", "apg", "ag", "linear-ag")
+#: every method of the registry (``diffguide/guidance/registry.py``), in its order
+METHOD_NAMES = tuple(METHODS)
+#: (method, parameter) of every control the page makes, in the order the handlers take them
+PARAM_KEYS = tuple((entry.name, param.name) for entry in METHODS.values() for param in entry.params)
 STEPS_RANGE = (1, 200)
 SCALE_RANGE = (1.0, 30.0)
 SEED_RANGE = (0, 2**31 - 1)
@@ -184,48 +188,79 @@ def parse_condition(model: LoadedModel, condition: str | int) -> int | str:
     return prompt
 
 
+def page_preset(name: str, model: LoadedModel) -> str | None:
+    """The preset the page starts ``name`` at for ``model``: its family's, if the method has one
+    (what :func:`~diffguide.compare.build_rule` picks with ``preset="auto"``)."""
+    return resolve_preset(name, model.pipe)
+
+
+def preset_values(name: str, preset: str | None = None) -> dict[str, Any]:
+    """Method ``name``'s settings at ``preset`` (None: the registry defaults) as the page's
+    controls hold them: ``inf`` as the parameter's in-range stand-in (``Param.widget_value``), an
+    unset path as ``""``."""
+    entry = METHODS[name]
+    settings = entry.settings(preset)
+    return {p.name: control_value(p, settings[p.name]) for p in entry.params}
+
+
+def page_values(name: str, model: LoadedModel) -> dict[str, Any]:
+    """What method ``name``'s controls show for ``model``: the registry's values at the preset of
+    the model's family (:func:`page_preset`). Sent back untouched, they build the same rule as
+    ``build_rule(name, model.pipe, scale, steps)``."""
+    return preset_values(name, page_preset(name, model))
+
+
+def control_value(param: Param, value: Any) -> Any:
+    """A rule's parameter value as the page's control holds it (``inf`` -> ``param.infinite``,
+    no path -> ``""``)."""
+    value = param.widget_value(value)
+    return "" if param.kind == "path" and value is None else value
+
+
+def split_params(values: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """The page's parameter controls, flat in ``PARAM_KEYS`` order, as method -> param -> value."""
+    if len(values) != len(PARAM_KEYS):
+        raise AppError(f"expected {len(PARAM_KEYS)} method parameter values, got {len(values)}")
+    params: dict[str, dict[str, Any]] = {name: {} for name in METHODS}
+    for (name, param), value in zip(PARAM_KEYS, values, strict=True):
+        params[name][param] = value
+    return params
+
+
 def make_method(
     name: str, model: LoadedModel, guidance_scale: float, steps: int, params: dict | None = None
 ) -> GuidanceRule:
-    """The rule ``name`` with the project's defaults, overridden by the page's ``params``
-    (APG: ``eta``, ``norm_threshold`` with 0 for no cap, ``momentum``; AG: ``threshold``)."""
-    params = {k: v for k, v in (params or {}).items() if v is not None}
-    if name not in METHOD_NAMES:
+    """The rule ``name`` from the registry (:func:`~diffguide.compare.build_rule`, ``preset="auto"``:
+    the model family's preset where the method has one), with the page's ``params`` by registry
+    name on top. Bad values raise an AppError with the registry's message."""
+    if name not in METHODS:
         raise AppError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
-    if name == "linear-ag" and not model.is_digits:
-        raise AppError(
-            "LinearAG needs coefficients calibrated on this model; in the demo it runs on digits models only"
-        )
+    params = dict(params or {})
     try:
-        if name == "apg" and params:
-            base = build_rule("apg", model.pipe, guidance_scale, steps)
-            cap = float(params.get("norm_threshold", base.norm_threshold))
-            return APG(
-                eta=float(params.get("eta", base.eta)),
-                norm_threshold=cap if cap > 0 else float("inf"),  # the page's slider: 0 = no cap
-                momentum=float(params.get("momentum", base.momentum)),
-            )
-        if name == "ag" and params:
-            return AdaptiveGuidance(threshold=float(params.get("threshold", 0.991)))
-        if name == "linear-ag":
-            return _linear_ag(model, guidance_scale, steps)
-        return build_rule(name, model.pipe, guidance_scale, steps)
-    except ValueError as err:
-        raise AppError(f"{name}: {err}") from None
+        if name == "linear-ag" and params.get("coefficients") in (None, ""):
+            return _linear_ag(model, guidance_scale, steps, params)
+        return build_rule(name, model.pipe, guidance_scale, steps, preset="auto", **params)
+    except (ValueError, OSError) as err:  # OSError: a coefficients file that cannot be read
+        message = str(err)
+        named = message.startswith(f"{name} ") or f"'{name}'" in message  # the registry's own wording
+        raise AppError(message if named else f"{name}: {message}") from None
 
 
-def _linear_ag(model: LoadedModel, guidance_scale: float, steps: int) -> GuidanceRule:
-    """LinearAG for this model, scale and steps: the shipped coefficients on the default model,
-    else calibrated once (under the model's lock, since calibration samples with the pipeline)."""
-    from ..compare import calibrate_linear_ag
-
+def _linear_ag(model: LoadedModel, guidance_scale: float, steps: int, params: dict) -> GuidanceRule:
+    """LinearAG without a coefficients file: the shipped coefficients on the default model, else
+    calibrated once per (model, scale, steps) under the model's lock, since calibration samples
+    with the pipeline. A text model is refused: it needs a file calibrated on it."""
+    if not is_class_conditional(model.pipe):
+        try:
+            return build_rule("linear-ag", model.pipe, guidance_scale, steps, preset="auto", **params)
+        except ValueError as err:
+            raise AppError(f"{err}. In this page, type FILE into LinearAG's coefficients box") from None
     key = (float(guidance_scale), int(steps))
     with model.lock:
         if key not in model.linear_ag:
-            if model.name == DEFAULT_MODEL:
-                model.linear_ag[key] = build_rule("linear-ag", model.pipe, guidance_scale, steps)
-            else:
-                model.linear_ag[key] = calibrate_linear_ag(model.pipe, guidance_scale, steps)
+            model.linear_ag[key] = build_rule(
+                "linear-ag", model.pipe, guidance_scale, steps, preset="auto", **params
+            )
         return model.linear_ag[key]
 
 
@@ -253,10 +288,9 @@ def _sample(
             output = model.pipe(
                 class_labels=[condition], guidance_scale=scale, num_inference_steps=steps, generator=generator
             )
-        else:
-            output = model.pipe(
-                condition, guidance_scale=scale, num_inference_steps=steps, generator=generator
-            )
+        else:  # the scale where this pipeline's CFG reads it (Flux, Qwen-Image: true_cfg_scale)
+            call = prompt_call(model.pipe, [condition], None, seed, scale, steps)
+            output = model.pipe(**{**call, "output_type": "pil"})
         nfe = stats(model.pipe)["nfe"]
     seconds = time.perf_counter() - started
     image = output.images[0]
@@ -291,14 +325,17 @@ def compare(
     guidance_scale: float,
     steps: int,
     seed: int,
+    params: dict[str, dict] | None = None,
 ) -> list[Sample]:
-    """Every method in ``methods`` on the same seed, in order."""
+    """Every method in ``methods`` on the same seed, in order; ``params`` maps a method to its
+    parameters (as :func:`make_method` takes them)."""
     if not methods:
         raise AppError("pick at least one method to compare")
     steps, guidance_scale, seed = check_settings(steps, guidance_scale, seed)
     model = registry.get(model_name)
     condition = parse_condition(model, condition)
-    rules = {name: make_method(name, model, guidance_scale, steps) for name in methods}
+    params = params or {}
+    rules = {name: make_method(name, model, guidance_scale, steps, params.get(name)) for name in methods}
     return [
         _sample(model, condition, rule, name, guidance_scale, steps, seed) for name, rule in rules.items()
     ]
