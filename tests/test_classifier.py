@@ -49,6 +49,25 @@ def test_planted_denoiser_is_classified_correctly_with_exact_nfe():
     assert result.margins[0] > 0 and result.errors[0].argmin() == 2
 
 
+def _huber(offset: float) -> float:  # torch's default delta = 1
+    return 0.5 * offset**2 if abs(offset) <= 1 else abs(offset) - 0.5
+
+
+@pytest.mark.parametrize(("loss", "per_element"), [("l2", lambda o: o**2), ("l1", abs), ("huber", _huber)])
+def test_planted_errors_and_margin_equal_the_loss_of_each_offset_in_closed_form(loss, per_element):
+    # the planted denoiser is off by the constant offsets[c] at every element for c != 2 and
+    # exact for c = 2, so err(c) = loss(offsets[c]) at every timestep and err(2) = 0; the margin
+    # is the smallest wrong-class error. 1.6 and 2.5 lie on huber's linear branch.
+    offsets = (0.3, 1.6, 0.7, 2.5, 0.5)
+    pipe, image = _planted(true_class=2, offsets=offsets)
+    schedule = ClassifierSchedule((6,), (1,))
+    result = dg.DiffusionClassifier(pipe, schedule=schedule, loss=loss).classify(image)
+    expected = torch.tensor([0.0 if c == 2 else per_element(o) for c, o in enumerate(offsets)])
+    torch.testing.assert_close(result.errors[0], expected, atol=1e-5, rtol=1e-5)
+    assert result.margins[0].item() == pytest.approx(per_element(0.3), abs=1e-5)
+    assert result.labels.tolist() == [2]
+
+
 def test_noise_and_timesteps_are_shared_across_classes():
     pipe, image = _planted()
     DiffusionClassifier(pipe, schedule=ClassifierSchedule((4,), (1,))).classify(image)
@@ -124,4 +143,3 @@ def test_bad_input_gets_clear_errors(tiny_pipe):
         ClassifierSchedule((5, 5), (2, 1))
     with pytest.raises(ValueError, match="needs prompts= or class_names="):
         DiffusionClassifier(tiny_sd())
-    assert isinstance(dg.DiffusionClassifier, type)

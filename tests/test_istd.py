@@ -1,4 +1,5 @@
 import math
+import statistics
 
 import pytest
 import torch
@@ -23,17 +24,52 @@ def test_strip_istd_is_zero_for_even_steps_and_positive_for_a_jump():
     assert strip_istd(jump) == pytest.approx(1020 * math.sqrt(0.09))
 
 
-def test_interpolation_istd_runs_on_a_pipeline(tiny_pipe):
-    mean, values, strips = interpolation_istd(tiny_pipe, [1, 2], num_inference_steps=2)
+def _naive_istd(strip: torch.Tensor) -> float:
+    """ISTD by its definition, with loops and the standard library: population standard
+    deviation of the L2 distances between adjacent images on 0-255 pixels."""
+    images = [[255.0 * float(v) for v in image.flatten()] for image in strip]
+    distances = [math.dist(a, b) for a, b in zip(images, images[1:], strict=False)]
+    return statistics.pstdev(distances)
+
+
+def test_strip_istd_is_the_population_std_of_adjacent_l2_distances_chosen_by_hand():
+    # 11 images of 2 x 2 pixels walking back and forth along the unit direction (1, 1, 1, 1) / 2
+    # (0-255 scale), with adjacent L2 distances chosen as five 3s then five 7s: mean 5, every
+    # distance 2 from it, so the population std is exactly 2 (the sample std would be
+    # 2 sqrt(10 / 9); L1 distances would give 4; distances to the first image would differ).
+    distances = [3.0] * 5 + [7.0] * 5
+    position, positions = 0.0, [0.0]
+    for k, d in enumerate(distances):
+        position += d if k % 2 == 0 else -d
+        positions.append(position)
+    strip = torch.tensor([[[[(127.5 + p / 2) / 255] * 2] * 2] for p in positions], dtype=torch.float64)
+    assert strip.shape == (11, 1, 2, 2)
+    assert strip_istd(strip) == pytest.approx(2.0, rel=1e-12)
+    assert _naive_istd(strip) == pytest.approx(2.0, rel=1e-12)  # the reference agrees with the hand value
+
+
+def test_interpolation_istd_is_the_mean_of_the_naive_istd_of_each_seeded_strip(tiny_pipe):
+    mean, values, strips = interpolation_istd(tiny_pipe, [1, 2], seed=3, num_inference_steps=2)
     assert strips.shape == (2, 11, 1, 8, 8) and len(values) == 2
-    assert mean == pytest.approx(sum(values) / 2)
+    assert values == pytest.approx([_naive_istd(strip) for strip in strips], rel=1e-9)
+    assert mean == pytest.approx(statistics.fmean(_naive_istd(strip) for strip in strips), rel=1e-9)
+    # the strips run from noise seeded seed + 2i (ratio 0) to seed + 2i + 1 (ratio 1) for label i
+    for i, label in enumerate([1, 2]):
+        for end, offset in ((0, 0), (-1, 1)):
+            noise = torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(3 + 2 * i + offset))
+            alone = tiny_pipe([label], latents=noise, output_type="pt", num_inference_steps=2).images
+            torch.testing.assert_close(strips[i, end], alone[0], atol=1e-5, rtol=0)
 
 
 def test_saturation_measures():
     images = torch.tensor([0.0, 1.0, 0.5, 0.5]).reshape(1, 1, 2, 2)
     assert clipped_fraction(images) == 0.5
-    assert mean_contrast(images) == pytest.approx(
-        torch.tensor([0.0, 1.0, 0.5, 0.5]).std(unbiased=False).item()
-    )
+    # by hand: mean 0.5, squared deviations 0.25, 0.25, 0, 0, variance 0.5 / 4, std sqrt(1 / 8)
+    assert mean_contrast(images) == pytest.approx(math.sqrt(1 / 8))
+    # a flat second image (std 0): the mean over images halves it (pooling the 8 values would
+    # give 0.2915, the sample std sqrt(1 / 6) / 2); two of its 8 values are at the limits
+    two = torch.cat([images, torch.full((1, 1, 2, 2), 0.2)])
+    assert mean_contrast(two) == pytest.approx(math.sqrt(1 / 8) / 2)
+    assert clipped_fraction(two) == 0.25
     with pytest.raises(ValueError, match="images must be"):
         clipped_fraction(torch.zeros(0, 1, 2, 2))

@@ -148,9 +148,7 @@ def test_smooth_lora_on_sd_round_trips_through_load_lora_weights(tmp_path):
 
 
 def test_smooth_lora_resumes_exactly_and_loads_into_digits_pipelines(tmp_path, tiny_pipe):
-    from conftest import tiny_digits_unet
-
-    from diffguide.models.smooth_lora import SmoothLoraConfig, digits_batches, train_smooth_lora
+    from diffguide.models.smooth_lora import SmoothLoraConfig, train_smooth_lora
     from diffguide.models.training import DDPMScheduler, default_scheduler_config
 
     def unet_with_attention():
@@ -201,4 +199,30 @@ def test_smooth_lora_resumes_exactly_and_loads_into_digits_pipelines(tmp_path, t
     assert torch.equal(pipe([1, 2], generator=torch.Generator().manual_seed(0), **kwargs).images, base)
     with pytest.raises(FileNotFoundError):
         pipe.load_lora_weights(tmp_path / "missing")
-    assert digits_batches(config) is not None and tiny_digits_unet is not None
+
+
+def test_digits_batches_are_train_digits_in_minus_one_one_with_labels_dropped_to_the_null_class():
+    from diffguide.models.data import load_digits
+    from diffguide.models.smooth_lora import SmoothLoraConfig, digits_batches
+
+    train, train_labels = load_digits("train")
+    test, _ = load_digits("test")
+    config = SmoothLoraConfig(batch_size=1000)
+
+    def nearest(batch, pool):  # distance to, and index of, the closest pool image in [0, 1]
+        distances = torch.cdist(((batch + 1) / 2).flatten(1).double(), pool.flatten(1).double())
+        return distances.min(dim=1)
+
+    images, extra = digits_batches(config, label_dropout=0.0)(torch.Generator().manual_seed(0))
+    assert images.shape == (1000, 1, 28, 28) and images.min() == -1 and images.max() == 1
+    distance, index = nearest(images, train)
+    assert distance.max() < 1e-5  # every image is a train digit mapped to [-1, 1] by 2 p - 1
+    assert nearest(images, test)[0].min() > 1.0  # and none is a test digit
+    assert torch.equal(extra["class_labels"], train_labels[index])  # its own label when not dropped
+
+    images, extra = digits_batches(config, label_dropout=0.25)(torch.Generator().manual_seed(1))
+    labels, own = extra["class_labels"], train_labels[nearest(images, train)[1]]
+    dropped = labels == 10
+    assert torch.equal(labels[~dropped], own[~dropped])
+    assert abs(dropped.double().mean().item() - 0.25) < 0.06  # 4.4 standard errors of 1000 draws
+    assert (digits_batches(config, label_dropout=1.0)(torch.Generator())[1]["class_labels"] == 10).all()
