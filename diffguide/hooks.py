@@ -147,7 +147,9 @@ def apply(pipe, rule: GuidanceRule):
     components = [name for name in support.scale if name != "*"] or None
     session = GuidanceSession(pipe, rule, support, class_name)
     adapter = ADAPTERS[support.kind]
-    for name, denoiser in _denoisers(pipe, components).items():
+    denoisers = _denoisers(pipe, components)
+    session.components = list(denoisers)
+    for name, denoiser in denoisers.items():
         registry = HookRegistry.check_if_exists_or_initialize(denoiser)
         registry.register_hook(adapter(session, name), HOOK_NAME)
     pipe.__class__ = _wrapped_class(type(pipe))

@@ -4,9 +4,11 @@
 StableDiffusionPipeline)``, which diffusers loads with ``custom_pipeline=``. Its ``__call__``
 takes two more arguments and otherwise is the parent's:
 
-- ``guidance``: ``"cfg"``, ``"apg"``, ``"ag"``, ``"linear-ag"`` or a rule object; ``None`` runs
-  the parent pipeline untouched;
-- ``guidance_kwargs``: the rule's parameters, e.g. ``{"eta": 0.0, "norm_threshold": 15.0}``.
+- ``guidance``: a method name of the registry (``"cfg"``, ``"apg"``, ``"ag"``, ``"linear-ag"``,
+  ``"interval"``) or a rule object; ``None`` runs the parent pipeline untouched;
+- ``guidance_kwargs``: the method's parameters, e.g. ``{"eta": 0.0, "norm_threshold": 15.0}``,
+  checked against the registry;
+- ``guidance_preset``: a named setting of the registry (``"sdxl"``, ``"digits"``) under them.
 
 After a guided call, ``pipe.guidance_stats`` holds its network evaluations (``dg.stats``).
 """
@@ -23,16 +25,24 @@ class GuidedPipelineMixin:
     guidance_stats: dict | None = None
 
     def __call__(
-        self, *args, guidance: str | GuidanceRule | None = None, guidance_kwargs: dict | None = None, **kwargs
+        self,
+        *args,
+        guidance: str | GuidanceRule | None = None,
+        guidance_kwargs: dict | None = None,
+        guidance_preset: str | None = None,
+        **kwargs,
     ):
-        if guidance is None:
-            if guidance_kwargs:
+        if guidance is None or isinstance(guidance, GuidanceRule):
+            if guidance_kwargs or guidance_preset:
                 raise ValueError(
-                    "guidance_kwargs given without guidance=; name a method such as guidance='apg'"
+                    "guidance_kwargs and guidance_preset go with a method name; pass e.g. guidance='apg'"
                 )
-            return super().__call__(*args, **kwargs)
+            if guidance is None:
+                return super().__call__(*args, **kwargs)
         rule = (
-            guidance if isinstance(guidance, GuidanceRule) else make_rule(guidance, **(guidance_kwargs or {}))
+            guidance
+            if isinstance(guidance, GuidanceRule)
+            else make_rule(guidance, guidance_preset, **(guidance_kwargs or {}))
         )
         with guided(self, rule):
             output = run_call(self, super().__call__, args, kwargs)

@@ -2,7 +2,7 @@
 
     pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipelines/guided_digits.py",
                                              trust_remote_code=True)
-    images = pipe([3, 7], guidance="ag", guidance_kwargs={"threshold": 0.991}).images
+    images = pipe([3, 7], guidance="apg", guidance_preset="digits").images
 
 All the work is in diffguide (pipeline_mixin.py).
 """

@@ -26,6 +26,7 @@ import math
 import sys
 import types
 
+import pytest
 import torch
 
 
@@ -433,6 +434,21 @@ def sample_euler(
     """k-diffusion's Euler over ``sigmas`` through ``sampling_function``, with ComfyUI's
     ``transformer_options["sample_sigmas"]`` set for the run."""
     return sample("euler", patcher, x, sigmas, cond, uncond, cond_scale)
+
+
+def conditions() -> tuple[list[dict], list[dict]]:
+    """ComfyUI-style ``(cond, uncond)`` lists for :class:`CountingDenoiser`: a bias per condition."""
+    cond = [{"name": "cond", "bias": torch.tensor([0.3, -0.2, 0.1, 0.5]).reshape(4, 1, 1)}]
+    uncond = [{"name": "uncond", "bias": torch.zeros(4, 1, 1)}]
+    return cond, uncond
+
+
+@pytest.fixture(autouse=True)
+def comfy_modules():
+    """Import this fixture into a test module to run every test there with the stand-in installed."""
+    install()
+    yield
+    uninstall()
 
 
 def install() -> None:

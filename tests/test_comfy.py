@@ -9,24 +9,14 @@ import sys
 import comfy_standin as comfy
 import pytest
 import torch
+from comfy_standin import comfy_modules  # noqa: F401 (autouse: the stand-in for every test here)
 
 from diffguide import cli
 from diffguide.comfy import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from diffguide.guidance import APG, AdaptiveGuidance, LinearAG
 from diffguide.guidance.base import GuidanceStep, cfg_combine
 
-
-@pytest.fixture(autouse=True)
-def comfy_modules():
-    comfy.install()
-    yield
-    comfy.uninstall()
-
-
-def _conds():
-    cond = [{"name": "cond", "bias": torch.tensor([0.3, -0.2, 0.1, 0.5]).reshape(4, 1, 1)}]
-    uncond = [{"name": "uncond", "bias": torch.zeros(4, 1, 1)}]
-    return cond, uncond
+_conds = comfy.conditions
 
 
 def _patcher():

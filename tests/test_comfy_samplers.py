@@ -13,6 +13,7 @@ import copy
 import comfy_standin as comfy
 import pytest
 import torch
+from comfy_standin import comfy_modules  # noqa: F401 (autouse: the stand-in for every test here)
 
 from diffguide.comfy import NODE_CLASS_MAPPINGS
 from diffguide.guidance import APG, LinearAG
@@ -36,17 +37,7 @@ APG_NODE = next(name for name, node in NODE_CLASS_MAPPINGS.items() if name.endsw
 LINEAR_AG_NODE = next(name for name, node in NODE_CLASS_MAPPINGS.items() if "LinearAG" in name)
 
 
-@pytest.fixture(autouse=True)
-def comfy_modules():
-    comfy.install()
-    yield
-    comfy.uninstall()
-
-
-def _conds():
-    cond = [{"name": "cond", "bias": torch.tensor([0.3, -0.2, 0.1, 0.5]).reshape(4, 1, 1)}]
-    uncond = [{"name": "uncond", "bias": torch.zeros(4, 1, 1)}]
-    return cond, uncond
+_conds = comfy.conditions
 
 
 def _start(sigmas=SIGMAS) -> torch.Tensor:

@@ -464,3 +464,9 @@ def test_hunyuanvideo15_guider_component():
             x_t[:, : velocity.shape[1]].double() - pipe.scheduler.sigmas[i].double() * velocity.double()
         )
         assert relative_error(cond, expected) < 1e-12
+
+
+def test_a_guider_at_scale_one_refuses_a_rule_without_effect():
+    with pytest.raises(ValueError, match="guidance_scale=1 runs no CFG, so APG"):
+        dg.as_guider(dg.APG(), guidance_scale=1.0)
+    assert dg.as_guider(dg.CFG(), guidance_scale=1.0).guidance_scale == 1.0

@@ -167,13 +167,34 @@ def test_linear_ag_refuses_another_step_count(tiny_pipe):
         tiny_pipe([1], num_inference_steps=6)
 
 
-def test_guidance_scale_one_passes_through(tiny_pipe):
+def test_guidance_scale_one_passes_cfg_through_and_refuses_a_rule_without_effect(tiny_pipe):
     kwargs = {"num_inference_steps": 3, "guidance_scale": 1.0, "output_type": "pt"}
     reference = tiny_pipe([1, 2], generator=torch.Generator().manual_seed(0), **kwargs).images
-    with dg.guided(tiny_pipe, dg.APG()):
+    with dg.guided(tiny_pipe, dg.CFG()):
         out = tiny_pipe([1, 2], generator=torch.Generator().manual_seed(0), **kwargs).images
-        assert dg.stats(tiny_pipe)["nfe"] == 3
+        assert dg.stats(tiny_pipe)["nfe"] == 3  # the conditional pass alone, as the pipeline runs it
     assert torch.equal(out, reference)
+    with dg.guided(tiny_pipe, dg.APG()), pytest.raises(ValueError, match=r"guidance_scale=1\), so APG"):
+        tiny_pipe([1, 2], **kwargs)
+
+
+def test_a_noise_level_rule_on_the_spd_scheduler_is_refused_not_switched_off(tiny_pipe):
+    """SPD corrupts each frequency at its own rate, so a step has no single sigma/alpha: the interval
+    cannot decide, and must not silently run as the conditional prediction (3 NFE instead of 6)."""
+    tiny_pipe.scheduler = dg.ShortestPathScheduler(num_train_timesteps=50, sample_size=8)
+    kwargs = {"num_inference_steps": 3, "guidance_scale": 3.0, "output_type": "pt"}
+    for rule in (dg.GuidanceInterval(sigma_lo=0.0, sigma_hi=math.inf), dg.APG(), dg.AdaptiveGuidance()):
+        with (
+            dg.guided(tiny_pipe, rule),
+            pytest.raises(ValueError, match="needs the noise level of each step"),
+        ):
+            tiny_pipe([1, 2], **kwargs)
+    reference = tiny_pipe([1, 2], generator=torch.Generator().manual_seed(0), **kwargs).images
+    model_output_rule = dg.APG(eta=1.0, norm_threshold=math.inf, momentum=0.0, space="model_output")
+    with dg.guided(tiny_pipe, model_output_rule):
+        out = tiny_pipe([1, 2], generator=torch.Generator().manual_seed(0), **kwargs).images
+        assert dg.stats(tiny_pipe)["nfe_per_sample"] == [6, 6]
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_guidance_rescale_keeps_working():

@@ -258,14 +258,16 @@ def test_flux_without_true_cfg_is_refused_with_the_fix():
         case.close()
 
 
-def test_a_cfg_off_two_call_pipeline_passes_through_at_scale_one():
-    """Wan at guidance_scale=1 runs no unconditional call; every rule is the conditional then."""
+def test_a_cfg_off_two_call_pipeline_passes_cfg_through_at_scale_one():
+    """Wan at guidance_scale=1 runs no unconditional call: CFG is the conditional then, another rule is refused."""
     case = Case("wan")
     try:
         reference = case.run(guidance_scale=1.0)
-        with dg.guided(case.pipe, dg.APG()):
+        with dg.guided(case.pipe, dg.CFG()):
             assert torch.equal(case.run(guidance_scale=1.0), reference)
             assert dg.stats(case.pipe)["nfe"] == STEPS
+        with dg.guided(case.pipe, dg.APG()), pytest.raises(ValueError, match="would have no effect"):
+            case.run(guidance_scale=1.0)
     finally:
         case.close()
 

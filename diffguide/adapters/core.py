@@ -156,6 +156,8 @@ class GuidanceSession:
         self.nfe_per_sample = torch.zeros(0, dtype=torch.long)
         #: two-call pipelines: the conditional half of the step in progress
         self.pending: dict[str, Any] | None = None
+        #: the denoiser components the rule is attached to (set by ``dg.apply``)
+        self.components: list[str] = []
 
     @property
     def pipe(self):
@@ -267,6 +269,22 @@ class GuidanceSession:
     def step_index(self) -> int:
         return self.offset + self.steps
 
+    def unguided_step(self, component: str, timestep: float, batch_size: int) -> None:
+        """A step in which the pipeline runs no CFG on ``component``: every rule gives the
+        conditional prediction there. A rule other than CFG on a call in which no denoiser runs
+        CFG would have no effect at all, so that is refused (Wan 2.2 may guide one expert only)."""
+        if not self.is_plain_cfg and not any(
+            self.cfg_active(name) for name in self.components or [component]
+        ):
+            where, name = self.support.scale_source(component).split(":", 1)
+            name = name if where == "call" else name.lstrip("_")
+            raise ValueError(
+                f"{self.class_name} runs no CFG in this call ({name}={self.pipeline_scale(component):g}), so "
+                f"{self.rule!r} would have no effect: pass {name} > 1, or call the pipeline without the rule"
+            )
+        self.start_step(timestep, batch_size)
+        self.end_step(None)
+
     def end_step(self, uncond_mask: torch.Tensor | None) -> None:
         """Count this step's evaluations: one conditional per sample, plus the unconditional ones."""
         self.nfe_per_sample += 1 if uncond_mask is None else 1 + uncond_mask.long()
@@ -320,7 +338,7 @@ class GuidanceSession:
             if self.rule.uses_noise_level:
                 raise ValueError(
                     f"{self.rule!r} needs the noise level of each step, which {type(scheduler).__name__} does not "
-                    f"give ({err}); use a rule in space='model_output' that does not read it"
+                    f"give ({err}); use a rule that does not read it: CFG, LinearAG, or APG/AG with space='model_output'"
                 ) from None
             alpha = sigma = torch.full((1,), math.nan, dtype=torch.float64)
         timesteps = getattr(scheduler, "timesteps", None)

@@ -71,7 +71,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
-from ..guidance import GuidanceRule, GuidanceStep, LinearAG, make_rule, method_of
+from ..guidance import CFG, GuidanceRule, GuidanceStep, LinearAG, make_rule, method_of
 from ..prediction import noise_level, prediction_kind
 from .core import combine_in_space, leading, nfe_stats
 
@@ -144,6 +144,11 @@ class DiffguideGuidance(BaseGuidance):
         super().__init__(start, stop, enabled)
         self.guidance_scale = guidance_scale
         self.rule: GuidanceRule = rule_from_config(method, params or {})
+        if enabled and guidance_scale <= 1 and type(self.rule) is not CFG:
+            raise ValueError(
+                f"guidance_scale={guidance_scale:g} runs no CFG, so {self.rule!r} would have no effect: "
+                "pass guidance_scale > 1"
+            )
         self._source: Any = None  # a scheduler, or a weak reference to a pipeline holding one
         self._hooks: list = []
         self._last_step: int | None = None

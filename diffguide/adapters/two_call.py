@@ -105,36 +105,41 @@ class TwoCallGuidanceHook(RuleHook):
         return torch.cat([generated, cond[:, tokens:]], dim=1)
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        session = self.session
         call = self.read_call(args, kwargs)
-        original = self.fn_ref.original_forward
-        sample = call.sample
-        rows = sample.shape[0]
-        first_t = call.first_timestep
+        if self._branch(call.first_timestep) == "cond":
+            return self._conditional_call(call)
+        return self._unconditional_call(call)
 
-        if self._branch(first_t) == "cond":
-            session.finish_pending()  # the previous step ran without an unconditional call
-            session.start_step(first_t, rows)
-            output = original(*args, **kwargs)
-            if not session.cfg_active(self.component):
-                # scale <= 1: every rule gives the conditional prediction; an unconditional call
-                # the pipeline still makes (Wan 2.2 at guidance_scale_2=1) gets it back unevaluated
-                session.end_step(None)
-                session.pending = {"component": self.component, "timestep": first_t, "passthrough": output}
-                return output
-            step = session.guidance_step(self.component, rows, first_t)
-            session.pending = {
-                "component": self.component,
-                "timestep": first_t,
-                "step": step,
-                "uncond_mask": session.uncond_mask(step),
-                "cond": prediction_of(output),
-                "x_t": sample,
-                "output": output,
-            }
+    # -- the two calls of a step ------------------------------------------------------------------
+
+    def _conditional_call(self, call: DenoiserCall):
+        """Run ``c`` as the pipeline asked and keep what the unconditional call needs."""
+        session, timestep, rows = self.session, call.first_timestep, call.sample.shape[0]
+        session.finish_pending()  # the previous step ran without an unconditional call
+        output = self.fn_ref.original_forward(*call.args, **call.kwargs)
+        if not session.cfg_active(self.component):
+            # every rule gives the conditional prediction; an unconditional call the pipeline still
+            # makes (Wan 2.2 at guidance_scale_2=1) gets it back unevaluated
+            session.unguided_step(self.component, timestep, rows)
+            session.pending = {"component": self.component, "timestep": timestep, "passthrough": output}
             return output
+        session.start_step(timestep, rows)
+        step = session.guidance_step(self.component, rows, timestep)
+        session.pending = {
+            "component": self.component,
+            "timestep": timestep,
+            "step": step,
+            "uncond_mask": session.uncond_mask(step),
+            "cond": prediction_of(output),
+            "x_t": call.sample,
+            "output": output,
+        }
+        return output
 
-        pending = session.pending
+    def _unconditional_call(self, call: DenoiserCall):
+        """Evaluate ``u`` where the rule asks for it and return ``u'`` that makes the pipeline's
+        formula give the rule's ``g``."""
+        session, pending = self.session, self.session.pending
         if pending is None:
             raise RuntimeError(
                 f"{session.class_name} made an unconditional denoiser call without a conditional one before it"
@@ -143,23 +148,28 @@ class TwoCallGuidanceHook(RuleHook):
         if pending.get("passthrough") is not None:
             return pending["passthrough"]
         step, uncond_mask, cond = pending["step"], pending["uncond_mask"], pending["cond"]
-        output = pending["output"]
-        if uncond_mask.all():
-            output = original(*args, **kwargs)
-            if session.is_plain_cfg:  # the pipeline's own formula is the rule
-                session.end_step(uncond_mask)
-                return output
-            uncond = prediction_of(output)
-        else:
-            uncond = cond.clone()  # the contract: rows not asked for are a copy of cond
-            if uncond_mask.any():
-                index = uncond_mask.nonzero().flatten()
-                sliced_args, sliced_kwargs = call.restricted(rows, index, session.support)
-                output = original(*sliced_args, **sliced_kwargs)
-                uncond[uncond_mask.to(cond.device)] = prediction_of(output)
+        if uncond_mask.all() and session.is_plain_cfg:  # the pipeline's own formula is the rule
+            session.end_step(uncond_mask)
+            return self.fn_ref.original_forward(*call.args, **call.kwargs)
+        output, uncond = self._uncond_prediction(call, cond, uncond_mask)
         session.end_step(uncond_mask)
         guided = self._combine(cond, uncond, uncond_mask, leading(pending["x_t"], cond), step, call)
         returned = return_through_formula(guided, cond, step.guidance_scale, uncond)
-        if output is pending["output"] or prediction_of(output).shape != cond.shape:
+        if output is None or prediction_of(output).shape != cond.shape:
             output = pending["output"]  # no full unconditional output to reuse: the conditional's type
         return with_prediction(output, returned)
+
+    def _uncond_prediction(self, call: DenoiserCall, cond: torch.Tensor, uncond_mask: torch.Tensor):
+        """``(output or None, u)``: the network on the samples asked for only (none when no sample
+        needs it); the other rows are a copy of ``cond``, as the rule contract says."""
+        original = self.fn_ref.original_forward
+        if uncond_mask.all():
+            output = original(*call.args, **call.kwargs)
+            return output, prediction_of(output)
+        uncond, output = cond.clone(), None
+        if uncond_mask.any():
+            index = uncond_mask.nonzero().flatten()
+            args, kwargs = call.restricted(call.sample.shape[0], index, self.session.support)
+            output = original(*args, **kwargs)
+            uncond[uncond_mask.to(cond.device)] = prediction_of(output)
+        return output, uncond
