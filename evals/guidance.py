@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import RESULTS, ROOT, machine, markdown_table, write_result, write_section  # noqa: E402
 
 import diffguide as dg  # noqa: E402
-from diffguide.compare import calibrate_linear_ag  # noqa: E402
+from diffguide.compare import calibrate_on_labels  # noqa: E402
 from diffguide.generation import generate_samples  # noqa: E402
 from diffguide.guidance.linear_ag import paper_schedule  # noqa: E402
 from diffguide.metrics import clipped_fraction, feature_frechet_distance  # noqa: E402
@@ -41,7 +41,7 @@ INF = float("inf")
 
 def rules_for(pipe, scale: float, steps: int, calibration: int) -> dict[str, dg.GuidanceRule]:
     """The rows of the table at one guidance scale, by name."""
-    linear_ag = calibrate_linear_ag(pipe, scale, steps, calibration)
+    linear_ag = calibrate_on_labels(pipe, scale, steps, calibration)
     linear_ag.save(RESULTS / f"linear_ag_w{scale:g}_{steps}steps.safetensors")
     return {
         "CFG": dg.CFG(),
