@@ -70,10 +70,14 @@ def _load_cli_pipeline(args: argparse.Namespace):
         raise UsageError(f"--device {args.device!r} is not a device; use cpu, cuda, cuda:1 or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: this torch sees no CUDA device; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(
+            f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {args.device}: MPS is not available here; use --device cpu")
     try:
-        pipe = load_pipeline(args.pipeline)
+        pipe = load_pipeline(args.pipeline, torch_dtype=getattr(torch, args.dtype))
     except (FileNotFoundError, OSError, ValueError) as err:
         raise UsageError(f"--pipeline {args.pipeline}: {str(err).splitlines()[0]}") from None
     from .hooks import check_pipeline
@@ -82,10 +86,15 @@ def _load_cli_pipeline(args: argparse.Namespace):
         check_pipeline(pipe)
     except TypeError as err:
         raise UsageError(f"--pipeline {args.pipeline}: {err}") from None
-    if pipe.dtype != getattr(torch, args.dtype):
-        pipe = pipe.to(dtype=getattr(torch, args.dtype))
     if getattr(args, "sampler", None) is not None:
         from .models.pipeline import use_sampler
+        from .prediction import uses_flow_sigmas
+
+        if uses_flow_sigmas(pipe.scheduler) or "beta_schedule" not in pipe.scheduler.config:
+            raise UsageError(
+                f"--sampler {args.sampler}: {type(pipe.scheduler).__name__} drives a flow-matching model, which "
+                "the --sampler choices (DDPM-family schedulers) cannot; leave --sampler out"
+            )
 
         try:
             use_sampler(pipe, args.sampler)
@@ -101,7 +110,14 @@ def _conditions(args: argparse.Namespace, pipe) -> tuple[list[int] | None, list[
 
     if is_class_conditional(pipe):
         if args.prompt or args.negative_prompt is not None:
-            raise UsageError(f"{type(pipe).__name__} is class-conditional: give --labels, not --prompt")
+            raise UsageError(
+                f"{type(pipe).__name__} is class-conditional: give --labels, not --prompt or --negative-prompt"
+            )
+        if getattr(pipe, "num_classes", None) is None:
+            raise UsageError(
+                f"the CLI samples DigitsPipeline-style class-conditional models; {type(pipe).__name__}: "
+                "use dg.apply(pipe, rule) in Python"
+            )
         labels = parse_labels(args.labels or "0-9", pipe.num_classes)
         return [label for label in labels for _ in range(args.n)], None, [str(label) for label in labels]
     if args.labels is not None:
@@ -164,9 +180,14 @@ def _run_methods(args: argparse.Namespace, methods: list[str]) -> int:
 
     import torch
 
-    from .compare import build_rule, compare, resolve_preset
+    from .compare import build_rule, compare, resolve_preset, scale_argument
     from .images import labelled_grid
 
+    if args.preset not in ("auto", "none") and not any(args.preset in METHODS[m].presets for m in methods):
+        known = sorted({p for m in METHODS.values() for p in m.presets})
+        raise UsageError(
+            f"--preset {args.preset}: none of {', '.join(methods)} has it (presets: {', '.join(known)}, auto, none)"
+        )
     rules, presets = {}, {}
     for name in methods:
         try:
@@ -189,7 +210,8 @@ def _run_methods(args: argparse.Namespace, methods: list[str]) -> int:
     ).save(out)
     samples = len(class_labels or prompts)
     print(
-        f"wrote {out.resolve()}: {len(results)} method(s) x {samples} samples, seeds {args.seed}-{args.seed + samples - 1}"
+        f"wrote {out.resolve()}: {len(results)} method(s) x {samples} samples, seeds {args.seed}-{args.seed + samples - 1}, "
+        f"{scale_argument(pipe)}={args.scale:g}"
     )
     baseline = next((r for r in results if r.name == "cfg"), results[0])
     print(

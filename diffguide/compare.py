@@ -12,6 +12,7 @@ Gradio demo are thin over this module.
 from __future__ import annotations
 
 import inspect
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ def family_of(pipe) -> str | None:
 
 def is_class_conditional(pipe) -> bool:
     """Whether ``pipe`` is called with class labels (the digits pipelines) rather than prompts."""
-    return getattr(pipe, "num_classes", None) is not None and "class_labels" in _call_parameters(pipe)
+    return "class_labels" in _call_parameters(pipe)
 
 
 def _call_parameters(pipe) -> set[str]:
@@ -77,11 +78,12 @@ def calibrate_on_labels(
 
 def resolve_preset(name: str, pipe, preset: str | None = "auto") -> str | None:
     """The preset ``build_rule`` uses: ``"auto"`` picks the pipeline family's, if the method has
-    one; ``None`` or ``"none"``: the registry's defaults."""
+    one; a named preset applies to the methods that have it (the others keep their defaults);
+    ``None`` or ``"none"``: the registry's defaults."""
     if preset in (None, "none"):
         return None
     if preset != "auto":
-        return preset
+        return preset if preset in method(name).presets else None
     family = family_of(pipe)
     return family if family in method(name).presets else None
 
@@ -115,9 +117,25 @@ def _linear_ag_for(pipe, guidance_scale: float, num_inference_steps: int) -> Lin
         )
     shipped = SHIPPED_LINEAR_AG.get((float(guidance_scale), int(num_inference_steps)))
     same_model = Path(getattr(pipe, "name_or_path", "") or "").resolve() == Path(DEFAULT_MODEL_DIR).resolve()
-    if shipped is not None and same_model and (Path(DEFAULT_MODEL_DIR) / shipped).is_file():
+    if (
+        shipped is not None
+        and same_model
+        and _shipped_sampler(pipe)
+        and (Path(DEFAULT_MODEL_DIR) / shipped).is_file()
+    ):
         return LinearAG.load(Path(DEFAULT_MODEL_DIR) / shipped)
     return calibrate_on_labels(pipe, guidance_scale, num_inference_steps)
+
+
+def _shipped_sampler(pipe) -> bool:
+    """Whether ``pipe`` samples with the scheduler the shipped LinearAG coefficients were fitted under."""
+    from .models import DEFAULT_MODEL_DIR
+
+    shipped = json.loads((Path(DEFAULT_MODEL_DIR) / "scheduler" / "scheduler_config.json").read_text())
+    current = dict(pipe.scheduler.config)
+    return shipped["_class_name"] == type(pipe.scheduler).__name__ and all(
+        current.get(key) == value for key, value in shipped.items() if not key.startswith("_")
+    )
 
 
 @dataclass
@@ -193,7 +211,7 @@ def compare(
             images = generate_samples(
                 pipe, labels, seed=seed, batch_size=len(labels), guidance=rule, nfe_per_sample=nfe,
                 guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-            )  # fmt: skip
+            ).float()  # fmt: skip
         else:
             call = prompt_call(pipe, prompts, negative_prompt, seed, guidance_scale, num_inference_steps)
             with guided(pipe, rule):

@@ -8,7 +8,9 @@ takes two more arguments and otherwise is the parent's:
   ``"interval"``) or a rule object; ``None`` runs the parent pipeline untouched;
 - ``guidance_kwargs``: the method's parameters, e.g. ``{"eta": 0.0, "norm_threshold": 15.0}``,
   checked against the registry;
-- ``guidance_preset``: a named setting of the registry (``"sdxl"``, ``"digits"``) under them.
+- ``guidance_preset``: a named setting of the registry (``"sdxl"``, ``"digits"``) under them;
+  by default the preset of the pipeline's family where the method has one (as the CLI and the
+  app do), ``"none"`` for the registry's defaults.
 
 After a guided call, ``pipe.guidance_stats`` holds its network evaluations (``dg.stats``).
 """
@@ -39,11 +41,15 @@ class GuidedPipelineMixin:
                 )
             if guidance is None:
                 return super().__call__(*args, **kwargs)
-        rule = (
-            guidance
-            if isinstance(guidance, GuidanceRule)
-            else make_rule(guidance, guidance_preset, **(guidance_kwargs or {}))
-        )
+        if isinstance(guidance, GuidanceRule):
+            rule = guidance
+        else:
+            from .compare import resolve_preset
+
+            preset = resolve_preset(guidance, self, "auto" if guidance_preset is None else guidance_preset)
+            if guidance_preset not in (None, "none") and preset is None:
+                make_rule(guidance, guidance_preset)  # the registry's error: no such preset
+            rule = make_rule(guidance, preset, **(guidance_kwargs or {}))
         with guided(self, rule):
             output = run_call(self, super().__call__, args, kwargs)
             self.guidance_stats = stats(self)

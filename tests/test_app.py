@@ -483,7 +483,7 @@ def test_app_shows_bad_input_as_a_message_and_keeps_serving(client, registry):
     with pytest.raises(ClientAppError, match="class from 0 to 9"):
         client.predict("default", "x", "cfg", 3.0, 4, 0, *page, api_name="/generate")
     # a parameter's range is the registry's, checked by the widget and again in core
-    with pytest.raises(ClientAppError, match="less than minimum value -1|threshold must be a number"):
+    with pytest.raises(ClientAppError, match="less than minimum value -1|threshold must be from -1 to 1.5"):
         client.predict(
             "default", "3", "ag", 3.0, 4, 0, *_page(registry, ag__threshold=-2.0), api_name="/generate"
         )

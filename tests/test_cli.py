@@ -175,7 +175,10 @@ def test_sample_refuses_what_a_pipeline_cannot_take(tmp_path, capsys):
         (["--method", "apg", "--param", "momentum=x"], "momentum must be from -0.99 to 0.99, got 'x'"),
         (["--method", "apg", "--param", "threshold=0.9"], "no chosen method has a parameter 'threshold'"),
         (["--method", "apg", "--param", "eta"], "write key=value"),
-        (["--method", "apg", "--preset", "sd15"], "apg has no preset 'sd15'"),
+        (
+            ["--method", "apg", "--preset", "sd15"],
+            "--preset sd15: none of apg has it (presets: digits, edm2-xxl, sdxl",
+        ),
         (["--device", "cuda:7"] if not torch_cuda() else ["--device", "nowhere"], "--device"),
         (
             ["--pipeline", folder, "--prompt", "a", "--method", "linear-ag"],
@@ -195,3 +198,31 @@ def torch_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_dtype_preset_and_sampler_flags(tmp_path, capsys, tiny_pipe):
+    from tiny_flow_two_call import tiny_flux
+
+    digits = tmp_path / "digits"
+    tiny_pipe.save_pretrained(digits)
+    out = ["--out", str(tmp_path / "g.png"), "--steps", "2", "--labels", "1"]
+    # bfloat16 weights: the judge-free digits folder samples, and the grid is written from float images
+    assert main(["sample", "--pipeline", str(digits), "--dtype", "bfloat16", "--method", "apg", *out]) == 0
+    assert "guidance_scale=3" in capsys.readouterr().out
+    # a named preset applies to the methods that have it; the others keep the registry defaults
+    assert main(["compare", "--pipeline", str(digits), "--preset", "sdxl", "--methods", "cfg,apg", *out]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "(preset sdxl)" in lines[3] and "preset" not in lines[2]
+    assert (
+        main(["compare", "--pipeline", str(digits), "--preset", "edm2-xxl", "--methods", "cfg,apg", *out])
+        == 2
+    )
+    assert "none of cfg, apg has it" in capsys.readouterr().err
+    flux = _saved(tiny_flux, tmp_path / "flux")
+    capsys.readouterr()
+    assert (
+        main(["sample", "--pipeline", flux, "--prompt", "a", "--sampler", "ddim", "--steps", "1", "--n", "1"])
+        == 2
+    )
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "drives a flow-matching model" in errors[0]

@@ -248,6 +248,12 @@ def test_bad_node_inputs_get_comfy_style_validation_errors(node_id, inputs, mess
     assert errors and message in errors[0]
 
 
+def test_a_linked_input_is_left_to_run_time():
+    """ComfyUI validates a linked input as None (its value is known only when the graph runs)."""
+    assert _validate("DiffguideAPG", {"eta": None, "norm_threshold": 1.0, "momentum": -0.5}) == []
+    assert "eta must be a number" in _validate("DiffguideAPG", {"eta": "x"})[0]
+
+
 def test_a_corrupt_coefficients_file_is_refused(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")

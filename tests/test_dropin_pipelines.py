@@ -71,7 +71,9 @@ def test_dropin_digits_pipeline_and_bad_arguments(tmp_path, tiny_pipe):
     with pytest.raises(ValueError, match="go with a method name"):
         pipe([1], guidance_kwargs={"eta": 0}, **kwargs)
     assert isinstance(dg.make_rule("ag", threshold=0.99), dg.AdaptiveGuidance)
-    pipe([1], generator=torch.Generator().manual_seed(0), guidance="apg", guidance_preset="digits", **kwargs)
-    assert repr(pipe.guidance_stats["rule"]) == repr(dg.make_rule("apg", preset="digits"))
+    pipe([1], generator=torch.Generator().manual_seed(0), guidance="apg", **kwargs)
+    assert repr(pipe.guidance_stats["rule"]) == repr(dg.make_rule("apg", preset="digits"))  # the family's
+    pipe([1], generator=torch.Generator().manual_seed(0), guidance="apg", guidance_preset="none", **kwargs)
+    assert repr(pipe.guidance_stats["rule"]) == repr(dg.make_rule("apg"))
     with pytest.raises(ValueError, match="apg has no preset 'sd15'"):
         pipe([1], guidance="apg", guidance_preset="sd15", **kwargs)

@@ -24,14 +24,27 @@ from diffguide.guidance import METHODS, LinearAG, make_rule
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
 
-#: one setting per method that differs from its default (values as a user types them)
-CHANGED = {
-    "cfg": {"space": "denoised"},
-    "apg": {"norm_threshold": "0"},  # 0 means no cap: inf
-    "ag": {"threshold": "0.994"},
-    "linear-ag": {"coefficients": "other"},
-    "interval": {"sigma_hi": "10000"},  # 10000 means from the start: inf
+#: per method, one changed setting for each parameter (values as a user types them)
+CHANGES = {
+    "cfg": [{"space": "denoised"}],
+    "apg": [
+        {"eta": "0.5"},
+        {"norm_threshold": "0"},  # 0 means no cap: inf
+        {"momentum": "0.25"},
+        {"space": "model_output"},
+        {"formulation": "diffusers"},
+    ],
+    "ag": [{"threshold": "0.994"}, {"space": "model_output"}, {"min_steps": "3"}],
+    "linear-ag": [{"coefficients": "other"}],
+    "interval": [{"sigma_lo": "0.5"}, {"sigma_hi": "10000"}, {"space": "denoised"}],  # 10000: from the start
 }
+SETTINGS = [(name, {}) for name in METHODS] + [(name, c) for name, cs in CHANGES.items() for c in cs]
+
+
+def test_every_parameter_is_changed_once_below():
+    assert {name: {k for c in cs for k in c} for name, cs in CHANGES.items()} == {
+        name: {p.name for p in entry.params} for name, entry in METHODS.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +66,6 @@ def _typed(name: str, texts: dict[str, str], files: dict[str, str]) -> dict:
     return values
 
 
-def _settings(name: str, changed: bool) -> dict[str, str]:
-    return dict(CHANGED[name]) if changed else {}
-
-
 def test_every_rule_class_keeps_the_registry_defaults_in_its_signature():
     for entry in METHODS.values():
         if entry.build is not None:  # LinearAG is built from a file
@@ -73,10 +82,10 @@ def test_every_preset_is_in_range_and_names_real_parameters():
             entry.make(preset)  # raises on an unknown name or an out-of-range value
 
 
-@pytest.mark.parametrize("changed", [False, True], ids=["defaults", "one-change"])
-@pytest.mark.parametrize("name", list(METHODS))
-def test_every_face_builds_the_same_rule(name, changed, coefficient_files, tiny_pipe):
-    texts = _settings(name, changed)
+@pytest.mark.parametrize(
+    ("name", "texts"), SETTINGS, ids=[f"{n}-{','.join(t) or 'defaults'}" for n, t in SETTINGS]
+)
+def test_every_face_builds_the_same_rule(name, texts, coefficient_files, tiny_pipe):
     expected = repr(make_rule(name, **_typed(name, texts, coefficient_files)))
 
     # the CLI's --param parsing and rule building (no preset: the registry's defaults)
@@ -136,22 +145,23 @@ def test_comfy_inputs_are_the_registry_parameters_with_its_defaults_and_ranges()
 
 
 def test_cli_flags_reach_every_method(tiny_pipe, tmp_path, capsys, coefficient_files):
-    """`diffguide compare` on a saved digits folder prints each rule: at defaults and with one
-    change per method, each equals make_rule's."""
+    """`diffguide compare` on a saved digits folder prints each rule: at defaults and with each
+    parameter changed, each equals make_rule's."""
     folder = tmp_path / "digits"
     tiny_pipe.save_pretrained(folder)
-    for changed in (False, True):
-        args = ["compare", "--pipeline", str(folder), "--preset", "none", "--methods", ",".join(METHODS)]
+    rounds = max(len(cs) for cs in CHANGES.values())
+    for round_ in range(-1, rounds):
+        chosen = {n: ({} if round_ < 0 else cs[round_]) for n, cs in CHANGES.items() if round_ < len(cs)}
+        args = ["compare", "--pipeline", str(folder), "--preset", "none", "--methods", ",".join(chosen)]
         args += ["--labels", "1", "--steps", str(STEPS), "--out", str(tmp_path / "c.png")]
-        for name in METHODS:
-            texts = _settings(name, changed)
+        for name, texts in chosen.items():
             if name == "linear-ag":
                 texts = {"coefficients": coefficient_files[texts.get("coefficients", "default")]}
             args += [arg for k, v in texts.items() for arg in ("--param", f"{name}.{k}={v}")]
         assert cli.main(args) == 0, capsys.readouterr().err
         printed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
-        for name in METHODS:
-            expected = repr(make_rule(name, **_typed(name, _settings(name, changed), coefficient_files)))
+        for name, texts in chosen.items():
+            expected = repr(make_rule(name, **_typed(name, texts, coefficient_files)))
             assert printed[name].endswith(expected), (name, printed[name])
 
 
@@ -203,9 +213,17 @@ def test_guidance_imports_with_diffusers_blocked():
     assert result.stdout.startswith("APG(eta=0.0, norm_threshold=2.0")
 
 
-def test_no_file_under_guidance_imports_an_adapter_or_a_face():
-    faces = re.compile(
-        r"^\s*(from|import)\s+(\.\.|diffguide\.)(hooks|adapters|cli|app|comfy|compare|models)\b", re.M
-    )
+def test_no_file_under_guidance_imports_outside_it():
+    """Every import under guidance/ (at any depth of a function) stays inside it or in the
+    standard library, torch and safetensors: no ``from .. import hooks``, no diffusers."""
+    import ast
+
+    allowed = {"torch", "safetensors", "numpy"} | set(sys.stdlib_module_names)
     for path in (ROOT / "diffguide" / "guidance").glob("*.py"):
-        assert not faces.search(path.read_text()), path.name
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= 1, f"{path.name}: from {'.' * node.level}{node.module or ''} import ..."
+                assert node.level == 1 or node.module.split(".")[0] in allowed, f"{path.name}: {node.module}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert alias.name.split(".")[0] in allowed, f"{path.name}: import {alias.name}"

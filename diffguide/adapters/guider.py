@@ -144,10 +144,10 @@ class DiffguideGuidance(BaseGuidance):
         super().__init__(start, stop, enabled)
         self.guidance_scale = guidance_scale
         self.rule: GuidanceRule = rule_from_config(method, params or {})
-        if enabled and guidance_scale <= 1 and type(self.rule) is not CFG:
+        if enabled and math.isclose(guidance_scale, 1.0) and type(self.rule) is not CFG:
             raise ValueError(
                 f"guidance_scale={guidance_scale:g} runs no CFG, so {self.rule!r} would have no effect: "
-                "pass guidance_scale > 1"
+                "pass another guidance_scale"
             )
         self._source: Any = None  # a scheduler, or a weak reference to a pipeline holding one
         self._hooks: list = []

@@ -41,7 +41,8 @@ def node_class(entry: Method) -> type:
         # with **kwargs ComfyUI skips its own min/max and choice checks for every input and passes
         # them all here: the registry's checks, and the rule's own, are the node's
         try:
-            entry.make(None, **{k: v for k, v in inputs.items() if k != "model"})
+            # a linked input arrives as None at validation time: it is checked when the node runs
+            entry.make(None, **{k: v for k, v in inputs.items() if k != "model" and v is not None})
         except ValueError as err:
             return str(err)
         return True

@@ -7,7 +7,7 @@ from .base import GuidanceRule, GuidanceStep
 from .cfg import CFG
 from .interval import GuidanceInterval
 from .linear_ag import LinearAG
-from .registry import METHODS, Method, Param, make_rule, method, method_of, presets_for
+from .registry import METHODS, Method, Param, make_rule, method, method_of
 
 __all__ = [
     "APG",
@@ -23,5 +23,4 @@ __all__ = [
     "make_rule",
     "method",
     "method_of",
-    "presets_for",
 ]

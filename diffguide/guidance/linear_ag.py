@@ -19,6 +19,7 @@ configurable, and ``u_{t-1}`` is the previous step's real or estimated value.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -228,4 +229,8 @@ class LinearAG(GuidanceRule):
             raise ValueError(f"{path} is not a LinearAG coefficients file: {err}") from None
 
     def __repr__(self) -> str:
-        return f"LinearAG(steps={self.num_steps}, regressors={self.regressors}, nfe={self.nfe}, space={self.space!r})"
+        digest = hashlib.sha1(self.coefficients.contiguous().numpy().tobytes()).hexdigest()[:8]
+        return (
+            f"LinearAG(steps={self.num_steps}, regressors={self.regressors}, nfe={self.nfe}, space={self.space!r}, "
+            f"coefficients=sha1:{digest})"
+        )

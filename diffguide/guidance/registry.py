@@ -20,6 +20,7 @@ family (``guidance_family``) offers that preset as its default and says so.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,7 +84,7 @@ class Param:
             if value not in self.choices:
                 raise ValueError(f"{self.name} must be {self.range_text}, got {value!r}")
             return value
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ValueError(f"{self.name} must be a number {self.range_text}, got {value!r}")
         if self.infinite is not None and (value == math.inf or value == self.infinite):
             return math.inf
@@ -99,7 +100,8 @@ class Param:
         if self.kind in ("choice", "path"):
             return text
         try:
-            return int(text) if self.kind == "int" else float(text)
+            value = float(text)
+            return int(value) if self.kind == "int" and value.is_integer() else value
         except ValueError:
             raise ValueError(f"{self.name} must be {self.range_text}, got {text!r}") from None
 
@@ -154,7 +156,7 @@ class Method:
         settings = self.settings(preset, **params)
         try:
             return (self.build or self.rule)(**settings)
-        except (TypeError, ValueError, OSError) as err:  # OSError: a coefficients file that is not there
+        except (ValueError, OSError) as err:  # OSError: a coefficients file that is not there
             raise ValueError(f"bad parameters for {self.name!r}: {err}") from None
 
 
@@ -320,10 +322,3 @@ def make_rule(name: str, preset: str | None = None, **params) -> GuidanceRule:
     registry: ``make_rule("apg", preset="digits")``, ``make_rule("ag", threshold=0.994)``.
     ``"linear-ag"`` needs ``coefficients=`` a file written by ``LinearAG.save``."""
     return method(name).make(preset, **params)
-
-
-def presets_for(family: str | None) -> dict[str, str]:
-    """Method name -> preset name, for the methods that have a preset for ``family``."""
-    if family is None:
-        return {}
-    return {name: family for name, entry in METHODS.items() if family in entry.presets}

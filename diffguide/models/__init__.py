@@ -35,13 +35,18 @@ def load_default_pipeline(device: str | torch.device = "cpu") -> DigitsPipeline:
     return pipe.to(device)
 
 
-def load_pipeline(name_or_folder: str | Path = "digits", device: str | torch.device = "cpu"):
+def load_pipeline(
+    name_or_folder: str | Path = "digits",
+    device: str | torch.device = "cpu",
+    torch_dtype: torch.dtype | None = None,
+):
     """An embedded model by name (``"digits"``, also ``"default"``) or any pipeline folder that
     ``DiffusionPipeline.from_pretrained`` loads offline (a ``save_pretrained`` output), with
-    ``DigitsPipeline`` folders loaded as such. Raises ``FileNotFoundError`` for a folder that is
+    ``DigitsPipeline`` folders loaded as such, in ``torch_dtype`` if given. Raises ``FileNotFoundError`` for a folder that is
     not a pipeline, naming what is missing."""
     if str(name_or_folder) in ("digits", "default"):
-        return load_default_pipeline(device)
+        pipe = load_default_pipeline(device)
+        return pipe if torch_dtype in (None, pipe.dtype) else pipe.to(dtype=torch_dtype)
     import json
 
     folder = Path(name_or_folder)
@@ -55,11 +60,11 @@ def load_pipeline(name_or_folder: str | Path = "digits", device: str | torch.dev
             f"{folder} is not a diffusers pipeline folder: no model_index.json (save one with pipe.save_pretrained)"
         )
     if json.loads(index.read_text()).get("_class_name") == "DigitsPipeline":
-        pipe = DigitsPipeline.from_pretrained(folder)
+        pipe = DigitsPipeline.from_pretrained(folder, torch_dtype=torch_dtype)
     else:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
