@@ -6,7 +6,15 @@ from .adapters.guider import as_guider
 from .classifier import ClassifierSchedule, DiffusionClassifier
 from .guidance import APG, CFG, AdaptiveGuidance, GuidanceInterval, GuidanceRule, LinearAG, make_rule
 from .hooks import apply, guided, remove, stats
-from .models import DigitsPipeline, load_default_pipeline, load_digits, load_judge, load_pipeline
+from .models import (
+    ClassConditionalTransformerPipeline,
+    DigitsPipeline,
+    load_default_pipeline,
+    load_digits,
+    load_fashion,
+    load_judge,
+    load_pipeline,
+)
 from .schedulers import ShortestPathScheduler
 
 __all__ = [
@@ -15,6 +23,7 @@ __all__ = [
     "ClassifierSchedule",
     "DiffusionClassifier",
     "AdaptiveGuidance",
+    "ClassConditionalTransformerPipeline",
     "DigitsPipeline",
     "GuidanceInterval",
     "GuidanceRule",
@@ -25,6 +34,7 @@ __all__ = [
     "guided",
     "load_default_pipeline",
     "load_digits",
+    "load_fashion",
     "load_judge",
     "load_pipeline",
     "make_rule",

@@ -459,6 +459,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
         record = train_smooth_lora(pipe.unet, scheduler, digits_batches(config), out, run_dir, config)
         print(record)
         return 0
+    if args.what == "fashion":
+        from .models.training import FashionTrainingConfig, train_fashion
+
+        defaults = FashionTrainingConfig()
+        config = FashionTrainingConfig(
+            steps=args.steps or defaults.steps,
+            batch_size=args.batch_size or defaults.batch_size,
+            seed=args.seed,
+        )
+        try:
+            record = train_fashion(
+                args.out or "diffguide/models/fashion", args.run_dir or "runs/fashion", config
+            )
+        except FileNotFoundError as err:
+            raise UsageError(str(err)) from None
+        print(record)
+        return 0
     if args.what == "default":
         from .models.training import DefaultTrainingConfig, train_default
 
@@ -474,7 +491,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         from .models.judge import train_judge
 
-        record = train_judge(args.out or "diffguide/models/judge", epochs=args.epochs, seed=args.seed)
+        folder = {"digits": "diffguide/models/judge", "fashion": "diffguide/models/fashion_judge"}[
+            args.dataset
+        ]
+        try:
+            record = train_judge(args.out or folder, epochs=args.epochs, seed=args.seed, dataset=args.dataset)
+        except FileNotFoundError as err:
+            raise UsageError(str(err)) from None
     print(record)
     return 0
 
@@ -604,8 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     for parser_ in (fid, stats, istd):
         parser_.set_defaults(func=_cmd_eval)
 
-    train = sub.add_parser("train", help="train the default model or its judge")
-    train.add_argument("what", choices=["default", "judge", "smooth-lora"])
+    train = sub.add_parser("train", help="train an embedded model (default digits, fashion) or a judge")
+    train.add_argument("what", choices=["default", "fashion", "judge", "smooth-lora"])
     train.add_argument("--base", default="default", help="smooth-lora: 'default' or a DigitsPipeline folder")
     train.add_argument("--weight", type=float, default=1.0, help="smooth-lora: lambda (0 = control run)")
     train.add_argument("--rank", type=int, default=8, help="smooth-lora: LoRA rank")
@@ -622,7 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--batch-size", type=int, default=None, help=f"default {defaults.batch_size} (smooth-lora: 64)"
     )
-    train.add_argument("--epochs", type=int, default=30, help="judge epochs")
+    train.add_argument(
+        "--epochs", type=int, default=None, help="judge epochs (default 30 digits, 15 fashion)"
+    )
+    train.add_argument(
+        "--dataset", default="digits", choices=["digits", "fashion"], help="judge: its dataset"
+    )
     train.add_argument(
         "--corruption",
         default="ddpm",

@@ -92,7 +92,7 @@ PIPELINES: dict[str, PipelineSupport] = {
     "StableDiffusionXLImg2ImgPipeline": _batched(),
     "StableDiffusion3Pipeline": _batched(quirks=("skip-layer guidance refused at call time",)),
     "StableDiffusion3Img2ImgPipeline": _batched(),
-    "DigitsPipeline": _batched(),
+    "ClassConditionalPipeline": _batched(),  # DigitsPipeline, ClassConditionalTransformerPipeline
     "PixArtAlphaPipeline": _batched(scale={"*": "call:guidance_scale"}, quirks=("learned sigma kept",)),
     "PixArtSigmaPipeline": _batched(scale={"*": "call:guidance_scale"}, quirks=("learned sigma kept",)),
     "SanaPipeline": _batched(quirks=("timestep x timestep_scale: sigma read from the scheduler",)),

@@ -1,4 +1,5 @@
-"""The embedded default model: digits data, ``DigitsPipeline``, its weights and the judge."""
+"""The embedded models: the digits model (the default) and the Fashion-MNIST flow transformer,
+their data, pipelines, weights and judges."""
 
 from __future__ import annotations
 
@@ -6,12 +7,19 @@ from pathlib import Path
 
 import torch
 
-from .data import load_digits
+from .data import load_digits, load_fashion
 from .judge import DigitJudge, load_judge_from
-from .pipeline import DigitsPipeline
+from .pipeline import ClassConditionalTransformerPipeline, DigitsPipeline
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
+FASHION_MODEL_DIR = Path(__file__).parent / "fashion"
+#: embedded model name -> its folder in the package
+EMBEDDED = {"digits": DEFAULT_MODEL_DIR, "default": DEFAULT_MODEL_DIR, "fashion": FASHION_MODEL_DIR}
+#: diffguide's own pipeline classes, by the name model_index.json gives them
+PIPELINE_CLASSES = {cls.__name__: cls for cls in (DigitsPipeline, ClassConditionalTransformerPipeline)}
 JUDGE_DIR = Path(__file__).parent / "judge"
+FASHION_JUDGE_DIR = Path(__file__).parent / "fashion_judge"
+JUDGE_DIRS = {"digits": JUDGE_DIR, "default": JUDGE_DIR, "fashion": FASHION_JUDGE_DIR}
 
 
 def load_default_pipeline(device: str | torch.device = "cpu") -> DigitsPipeline:
@@ -40,16 +48,22 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     torch_dtype: torch.dtype | None = None,
 ):
-    """An embedded model by name (``"digits"``, also ``"default"``) or any pipeline folder that
-    ``DiffusionPipeline.from_pretrained`` loads offline (a ``save_pretrained`` output), with
-    ``DigitsPipeline`` folders loaded as such, in ``torch_dtype`` if given. Raises ``FileNotFoundError`` for a folder that is
-    not a pipeline, naming what is missing."""
+    """An embedded model by name (``"digits"``, also ``"default"``; ``"fashion"``) or any
+    pipeline folder that ``DiffusionPipeline.from_pretrained`` loads offline (a
+    ``save_pretrained`` output), diffguide's own pipeline classes loaded as such, in
+    ``torch_dtype`` if given. Raises ``FileNotFoundError`` for a folder that is not a pipeline,
+    naming what is missing."""
     if str(name_or_folder) in ("digits", "default"):
         pipe = load_default_pipeline(device)
         return pipe if torch_dtype in (None, pipe.dtype) else pipe.to(dtype=torch_dtype)
     import json
 
-    folder = Path(name_or_folder)
+    folder = EMBEDDED.get(str(name_or_folder), Path(name_or_folder))
+    if str(name_or_folder) in EMBEDDED and not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded {name_or_folder} model is missing from {folder}; train it with "
+            f"`diffguide train {name_or_folder}`"
+        )
     index = folder / "model_index.json"
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -59,8 +73,9 @@ def load_pipeline(
         raise FileNotFoundError(
             f"{folder} is not a diffusers pipeline folder: no model_index.json (save one with pipe.save_pretrained)"
         )
-    if json.loads(index.read_text()).get("_class_name") == "DigitsPipeline":
-        pipe = DigitsPipeline.from_pretrained(folder, torch_dtype=torch_dtype)
+    own = PIPELINE_CLASSES.get(json.loads(index.read_text()).get("_class_name"))
+    if own is not None:
+        pipe = own.from_pretrained(folder, torch_dtype=torch_dtype)
     else:
         from diffusers import DiffusionPipeline
 
@@ -69,16 +84,21 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def load_judge(device: str | torch.device = "cpu") -> DigitJudge:
-    """The judge CNN shipped with the default model: images (B, 1, 28, 28) in [0, 1] -> logits."""
-    return load_judge_from(JUDGE_DIR).to(device)
+def load_judge(name: str = "digits", device: str | torch.device = "cpu") -> DigitJudge:
+    """The judge CNN shipped with an embedded model (``"digits"``, ``"fashion"``): images
+    (B, 1, 28, 28) in [0, 1] -> logits."""
+    if name not in JUDGE_DIRS:
+        raise ValueError(f"unknown judge {name!r}; choose from digits, fashion")
+    return load_judge_from(JUDGE_DIRS[name]).to(device)
 
 
 __all__ = [
     "DigitJudge",
+    "ClassConditionalTransformerPipeline",
     "DigitsPipeline",
     "load_default_pipeline",
     "load_digits",
+    "load_fashion",
     "load_judge",
     "load_pipeline",
 ]

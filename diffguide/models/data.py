@@ -1,4 +1,5 @@
-"""Real handwritten digits that ship inside packages, with a fixed train/test split.
+"""Real images that ship inside packages: handwritten digits (with a fixed train/test split)
+and Fashion-MNIST (its own 60,000 / 10,000 split).
 
 Two sources, both offline:
 
@@ -10,6 +11,10 @@ The split is class-balanced and fixed: within each class the images are shuffled
 seeded generator (seed 0) and the first 80% go to ``train``, the rest to ``test``. For MNIST
 that is 400 + 100 images per class, 4,000 / 1,000 in all. The test split is never used to
 train anything in this project; it is what every benchmark measures against.
+
+Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package (idx files, gzipped, in
+``/usr/share/datasets/fashion-mnist/``) or from the folder named by ``DIFFGUIDE_FASHION_MNIST``
+holding the same four files; :func:`load_fashion` reads them.
 
 Images come back as float32 tensors of shape (N, 1, H, W) in [0, 1], the format a
 pipeline's ``output_type="pt"`` gives, and labels as int64 tensors of shape (N,).
@@ -86,3 +91,63 @@ def load_digits(split: str = "test", source: str = "mnist") -> tuple[torch.Tenso
         torch.from_numpy(images[index]).unsqueeze(1).clone(),
         torch.from_numpy(labels[index]).clone(),
     )
+
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_ENV = "DIFFGUIDE_FASHION_MNIST"
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+#: Fashion-MNIST's class names, by label
+FASHION_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+
+def fashion_folder() -> Path:
+    """Where the Fashion-MNIST files are: ``$DIFFGUIDE_FASHION_MNIST`` if set, else Debian's
+    folder; FileNotFoundError naming the package and the variable when neither has them."""
+    import os
+
+    folder = Path(os.environ.get(FASHION_ENV) or FASHION_DIR)
+    missing = [name for pair in FASHION_FILES.values() for name in pair if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST is not in {folder} (missing {missing[0]}): apt install dataset-fashion-mnist, "
+            f"or set {FASHION_ENV} to a folder with its four idx .gz files"
+        )
+    return folder
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (gzipped): magic ``0x0000 08 nd``, ``nd`` big-endian int32 sizes, then uint8 data."""
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path} is not a uint8 idx file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{path} holds {array.size} values, its header says {shape}")
+    return array.reshape(shape)
+
+
+@cache
+def _load_fashion(split: str) -> tuple[np.ndarray, np.ndarray]:
+    folder = fashion_folder()
+    images_file, labels_file = FASHION_FILES[split]
+    return read_idx(folder / images_file), read_idx(folder / labels_file).astype(np.int64)
+
+
+def load_fashion(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST: images (N, 1, 28, 28) float32 in [0, 1] and labels (N,) int64.
+
+    Args:
+        split: ``"train"`` (60,000) or ``"test"`` (10,000, never used to train anything here).
+    """
+    if split not in FASHION_FILES:
+        raise ValueError(f"unknown split {split!r}; choose one of {tuple(FASHION_FILES)}")
+    images, labels = _load_fashion(split)
+    return torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1), torch.from_numpy(labels.copy())

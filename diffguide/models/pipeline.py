@@ -1,11 +1,16 @@
-"""``DigitsPipeline``: the embedded default model as a diffusers pipeline.
+"""The embedded models as diffusers pipelines: class-conditional pixel-space diffusion.
 
-A class-conditional pixel-space diffusion model of handwritten digits: a ``UNet2DModel``
-with a class embedding of ``num_classes + 1`` rows, the last row being the null class that
-classifier-free guidance uses as its unconditional input (it was trained with label
-dropout). Guidance follows ``StableDiffusionPipeline`` exactly: one denoiser call on the
-batch ``[uncond, cond]`` per step, then ``u + w (c - u)``, so guidance hooks that work on
-Stable Diffusion attach to this pipeline unchanged.
+:class:`ClassConditionalPipeline` is the sampling loop both share: a denoiser with a class
+embedding of ``num_classes + 1`` rows, the last row being the null class that classifier-free
+guidance uses as its unconditional input (the models are trained with label dropout).
+Guidance follows ``StableDiffusionPipeline`` exactly: one denoiser call on the batch
+``[uncond, cond]`` per step, then ``u + w (c - u)``, so guidance hooks that work on Stable
+Diffusion attach unchanged.
+
+- :class:`DigitsPipeline`: a ``UNet2DModel`` predicting epsilon (the digits model).
+- :class:`ClassConditionalTransformerPipeline`: a ``DiTTransformer2DModel`` predicting the
+  flow-matching velocity ``noise - x0``, sampled with ``FlowMatchEulerDiscreteScheduler``
+  (the Fashion-MNIST model), the family of SD3, Flux and Wan.
 """
 
 from __future__ import annotations
@@ -18,7 +23,13 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+    UNet2DModel,
+)
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
@@ -51,34 +62,29 @@ def _label_tensor(class_labels: int | Sequence[int] | torch.Tensor, num_classes:
     return labels
 
 
-class DigitsPipeline(DiffusionPipeline):
-    """Class-conditional digit generation with classifier-free guidance.
+class ClassConditionalPipeline(DiffusionPipeline):
+    """The sampling loop of a class-conditional model with classifier-free guidance; subclasses
+    name their denoiser component and say how it is called (:meth:`predict`)."""
 
-    Args:
-        unet: a ``UNet2DModel`` with ``num_class_embeds = num_classes + 1``; the last class
-            index is the null (unconditional) class.
-        scheduler: any diffusers scheduler; swap with
-            ``pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)``.
-    """
-
-    model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents"]
     #: the model family whose guidance presets suit these models (``diffguide.guidance.registry``)
-    guidance_family = "digits"
+    guidance_family: str | None = None
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
-        super().__init__()
-        if unet.config.num_class_embeds is None or unet.config.num_class_embeds < 2:
-            raise ValueError(
-                "DigitsPipeline needs a class-conditional UNet2DModel (num_class_embeds = classes + 1)"
-            )
-        self.register_modules(unet=unet, scheduler=scheduler)
-        self._guidance_scale = 1.0
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network (``unet`` or ``transformer``)."""
+        raise NotImplementedError
 
     @property
     def num_classes(self) -> int:
         """Number of real classes; the class index ``num_classes`` is the null class."""
-        return self.unet.config.num_class_embeds - 1
+        raise NotImplementedError
+
+    def predict(
+        self, model_input: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor
+    ) -> torch.Tensor:
+        """The denoiser's raw prediction for ``model_input`` at the scheduler ``timestep``."""
+        raise NotImplementedError
 
     @property
     def null_class(self) -> int:
@@ -88,9 +94,9 @@ class DigitsPipeline(DiffusionPipeline):
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the images this model generates."""
-        size = self.unet.config.sample_size
+        size = self.denoiser.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
-        return (self.unet.config.in_channels, height, width)
+        return (self.denoiser.config.in_channels, height, width)
 
     def _step_kwargs(self, generator: torch.Generator | None, eta: float) -> dict[str, Any]:
         accepted = set(inspect.signature(self.scheduler.step).parameters)
@@ -100,20 +106,6 @@ class DigitsPipeline(DiffusionPipeline):
         if "generator" in accepted:
             kwargs["generator"] = generator
         return kwargs
-
-    def load_lora_weights(self, path) -> None:
-        """Load a LoRA written by ``diffguide.smooth.save_lora`` (e.g. a Smooth-LoRA) into the UNet,
-        the counterpart of diffusers' ``load_lora_weights`` on SD-type pipelines."""
-        from ..smooth import load_lora_into
-
-        self.unload_lora_weights()
-        load_lora_into(self.unet, path)
-
-    def unload_lora_weights(self) -> None:
-        """Remove any LoRA from the UNet, restoring the base model exactly."""
-        from ..smooth import remove_lora
-
-        remove_lora(self.unet)
 
     @property
     def guidance_scale(self) -> float:
@@ -142,7 +134,7 @@ class DigitsPipeline(DiffusionPipeline):
         """Generate one image per entry of ``class_labels``.
 
         Args:
-            class_labels: digit class(es), 0 to ``num_classes - 1``.
+            class_labels: class(es), 0 to ``num_classes - 1``.
             guidance_scale: CFG scale ``w`` in ``u + w (c - u)``; ``w <= 1`` skips the
                 unconditional half (one network evaluation per step), as diffusers does.
             num_inference_steps: denoising steps (>= 1).
@@ -183,23 +175,26 @@ class DigitsPipeline(DiffusionPipeline):
 
         shape = (batch_size, *self.image_shape)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.denoiser.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         else:
-            latents = latents.to(device=device, dtype=self.unet.dtype)
+            latents = latents.to(device=device, dtype=self.denoiser.dtype)
 
         self.scheduler.set_timesteps(int(num_inference_steps), device=device)
         timesteps = self.scheduler.timesteps
-        latents = latents * self.scheduler.init_noise_sigma
+        latents = latents * getattr(
+            self.scheduler, "init_noise_sigma", 1.0
+        )  # flow schedulers start at x = noise
         step_kwargs = self._step_kwargs(generator, eta)
         self._num_timesteps = len(timesteps)
 
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
-                noise_pred = self.unet(model_input, t, class_labels=model_labels).sample
+                if hasattr(self.scheduler, "scale_model_input"):  # flow schedulers have none
+                    model_input = self.scheduler.scale_model_input(model_input, t)
+                noise_pred = self.predict(model_input, t, model_labels)
                 if do_cfg:
                     noise_uncond, noise_cond = noise_pred.chunk(2)
                     noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
@@ -222,6 +217,138 @@ class DigitsPipeline(DiffusionPipeline):
         if not return_dict:
             return (output,)
         return DigitsPipelineOutput(images=output)
+
+
+class DigitsPipeline(ClassConditionalPipeline):
+    """Class-conditional digit generation with classifier-free guidance.
+
+    Args:
+        unet: a ``UNet2DModel`` with ``num_class_embeds = num_classes + 1``; the last class
+            index is the null (unconditional) class.
+        scheduler: any diffusers scheduler; swap with
+            ``pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)``.
+    """
+
+    model_cpu_offload_seq = "unet"
+    guidance_family = "digits"
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        if unet.config.num_class_embeds is None or unet.config.num_class_embeds < 2:
+            raise ValueError(
+                "DigitsPipeline needs a class-conditional UNet2DModel (num_class_embeds = classes + 1)"
+            )
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self._guidance_scale = 1.0
+
+    @property
+    def denoiser(self) -> UNet2DModel:
+        return self.unet
+
+    @property
+    def num_classes(self) -> int:
+        return self.unet.config.num_class_embeds - 1
+
+    def predict(
+        self, model_input: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor
+    ) -> torch.Tensor:
+        return self.unet(model_input, timestep, class_labels=class_labels).sample
+
+    def load_lora_weights(self, path) -> None:
+        """Load a LoRA written by ``diffguide.smooth.save_lora`` (e.g. a Smooth-LoRA) into the UNet,
+        the counterpart of diffusers' ``load_lora_weights`` on SD-type pipelines."""
+        from ..smooth import load_lora_into
+
+        self.unload_lora_weights()
+        load_lora_into(self.unet, path)
+
+    def unload_lora_weights(self) -> None:
+        """Remove any LoRA from the UNet, restoring the base model exactly."""
+        from ..smooth import remove_lora
+
+        remove_lora(self.unet)
+
+
+class ClassConditionalTransformerPipeline(ClassConditionalPipeline):
+    """Class-conditional flow matching with classifier-free guidance: a ``DiTTransformer2DModel``
+    predicting the velocity ``noise - x0`` at ``x_t = (1 - s) x0 + s noise``, called with the
+    scheduler's timestep ``1000 s``; sampled with ``FlowMatchEulerDiscreteScheduler``.
+
+    Args:
+        transformer: a ``DiTTransformer2DModel`` with ``num_embeds_ada_norm = num_classes``; its
+            label tables hold one more row, the null class (diffusers adds it for label dropout,
+            which the training here does itself: the model's own random dropout is switched off).
+        scheduler: a flow-matching scheduler (``FlowMatchEulerDiscreteScheduler``).
+    """
+
+    model_cpu_offload_seq = "transformer"
+    guidance_family = "fashion"
+
+    def __init__(self, transformer: DiTTransformer2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        if transformer.config.num_embeds_ada_norm is None:
+            raise ValueError(
+                "ClassConditionalTransformerPipeline needs a DiT with num_embeds_ada_norm = classes"
+            )
+        disable_label_dropout(transformer)
+        self.register_modules(transformer=transformer, scheduler=scheduler)
+        self._guidance_scale = 1.0
+
+    @property
+    def denoiser(self) -> DiTTransformer2DModel:
+        return self.transformer
+
+    @property
+    def num_classes(self) -> int:
+        return self.transformer.config.num_embeds_ada_norm
+
+    def predict(
+        self, model_input: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor
+    ) -> torch.Tensor:
+        timesteps = (
+            torch.as_tensor(timestep, device=model_input.device).reshape(-1).expand(model_input.shape[0])
+        )
+        return self.transformer(model_input, timestep=timesteps, class_labels=class_labels).sample
+
+
+def disable_label_dropout(transformer: torch.nn.Module) -> torch.nn.Module:
+    """Switch off the random label dropout diffusers' ``LabelEmbedding`` applies in training mode
+    (its null-class row stays): our training drops labels itself, from its seeded generator."""
+    from diffusers.models.embeddings import LabelEmbedding
+
+    for module in transformer.modules():
+        if isinstance(module, LabelEmbedding):
+            if module.embedding_table.num_embeddings != module.num_classes + 1:
+                raise ValueError(
+                    "the transformer's label embedding has no null-class row (build it with dropout > 0)"
+                )
+            module.dropout_prob = 0.0
+    return transformer
+
+
+def fashion_transformer(
+    num_layers: int = 8, num_attention_heads: int = 6, attention_head_dim: int = 32, patch_size: int = 4
+) -> DiTTransformer2DModel:
+    """The Fashion-MNIST model's DiT (about 6.1M parameters): 28 x 28 x 1 pixels in 4 x 4
+    patches (49 tokens), width 192, AdaLN-Zero conditioning on timestep and class (10 classes
+    plus the null one), velocity out. Patches of 4 rather than 2 make a step 4x cheaper, which
+    is what a 90-minute CPU budget allows."""
+    return DiTTransformer2DModel(
+        num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim,
+        in_channels=1,
+        out_channels=1,
+        num_layers=num_layers,
+        sample_size=28,
+        patch_size=patch_size,
+        num_embeds_ada_norm=10,
+        norm_num_groups=1,
+    )
+
+
+def fashion_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """The Fashion-MNIST model's sampler: Euler on the flow ODE, sigmas from 1 to 0, no shift."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
 
 
 def default_unet(sample_size: int = 28, num_classes: int = 10) -> UNet2DModel:

@@ -1,4 +1,5 @@
-"""Training of the embedded default model: DDPM's epsilon objective with label dropout.
+"""Training of the embedded models: the digits UNet with DDPM's epsilon objective, the
+Fashion-MNIST transformer with rectified flow (:class:`FlowObjective`), label dropout for both.
 
 ``corruption="spd"`` trains the same network with Shortest Path Diffusion's per-frequency
 corruption (``diffguide.schedulers.spd``) instead of DDPM's, with everything else equal, so
@@ -21,7 +22,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,6 +55,25 @@ class DefaultTrainingConfig:
     #: SPD's data spectrum: "fit" (c1/(c2+|f|)^m fitted to the train split), "authors" (their
     #: CIFAR-10 constants) or "empirical" (the train split's radial power spectrum)
     spd_spectrum: str = "fit"
+
+
+@dataclass
+class FashionTrainingConfig:
+    """Hyper-parameters of ``diffguide train fashion`` (the shipped Fashion-MNIST model uses these)."""
+
+    steps: int = 4000
+    batch_size: int = 128
+    learning_rate: float = 3e-4
+    warmup_steps: int = 200
+    label_dropout: float = 0.1
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 100
+    #: the first N train images only (tests); None: all 60,000
+    train_images: int | None = None
+    #: keyword arguments of :func:`~diffguide.models.pipeline.fashion_transformer` (tests: a tiny one)
+    model: dict = field(default_factory=dict)
 
 
 CORRUPTIONS = ("ddpm", "spd")
@@ -105,6 +125,36 @@ def write_checkpoint(path: Path, state: dict) -> None:
     path.with_suffix(".tmp").replace(path)
 
 
+class _EpsilonObjective:
+    """DDPM's (or SPD's) epsilon objective: ``x_t`` from the noise scheduler, target ``eps``."""
+
+    def __init__(self, noise_scheduler, first_t: int):
+        self.noise_scheduler, self.first_t = noise_scheduler, first_t
+
+    def corrupt(self, x0: torch.Tensor, generator: torch.Generator):
+        """``(x_t, model timestep, target, noise, timesteps)`` for a batch."""
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(
+            self.first_t, self.noise_scheduler.config.num_train_timesteps + self.first_t, (len(x0),),
+            generator=generator,
+        )  # fmt: skip
+        return self.noise_scheduler.add_noise(x0, noise, t), t, noise, noise, t
+
+
+class FlowObjective:
+    """Rectified flow (Liu et al., 2022; Esser et al., SD3, 2024): ``x_s = (1 - s) x0 + s noise``
+    with ``s = sigmoid(n)``, ``n ~ N(0, 1)`` (SD3's logit-normal), target the velocity
+    ``noise - x0``, the model called at timestep ``1000 s`` (FlowMatchEuler's convention)."""
+
+    noise_scheduler = None
+
+    def corrupt(self, x0: torch.Tensor, generator: torch.Generator):
+        noise = torch.randn(x0.shape, generator=generator)
+        s = torch.sigmoid(torch.randn(len(x0), generator=generator))
+        s_ = s.reshape(-1, *([1] * (x0.ndim - 1)))
+        return (1 - s_) * x0 + s_ * noise, s * 1000, noise - x0, noise, s * 1000
+
+
 def train_default(
     output_dir: str | Path,
     run_dir: str | Path,
@@ -128,10 +178,7 @@ def train_default(
     config = config or DefaultTrainingConfig()
     if config.corruption not in CORRUPTIONS:
         raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {config.corruption!r}")
-    output_dir, run_dir = Path(output_dir), Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-
     images, labels = load_digits("train", source=config.source)
     data = images * 2 - 1
     num_classes = int(labels.max()) + 1
@@ -142,21 +189,80 @@ def train_default(
     else:
         noise_scheduler = DDPMScheduler(**default_scheduler_config())
         first_t = 0
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    sampler = noise_scheduler if config.corruption == "spd" else default_sampling_scheduler()
+
+    def pipeline(model):
+        return DigitsPipeline(unet=model, scheduler=sampler)
+
+    def predict(model, noisy, t, y):
+        return model(noisy, t, class_labels=y).sample
+
+    return _train(
+        unet, predict, pipeline, _EpsilonObjective(noise_scheduler, first_t), data, labels, num_classes,
+        config, Path(output_dir), Path(run_dir), progress, stop_after_steps, callbacks, "train default",
+    )  # fmt: skip
+
+
+def train_fashion(
+    output_dir: str | Path,
+    run_dir: str | Path,
+    config: FashionTrainingConfig | None = None,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> dict | None:
+    """Train the Fashion-MNIST flow-matching transformer (:func:`fashion_transformer`) on the
+    train split and save a :class:`ClassConditionalTransformerPipeline` in ``output_dir``; the
+    loop, checkpoints, resumption and callbacks are :func:`train_default`'s."""
+    from .data import load_fashion
+    from .pipeline import (
+        ClassConditionalTransformerPipeline,
+        disable_label_dropout,
+        fashion_scheduler,
+        fashion_transformer,
+    )
+
+    config = config or FashionTrainingConfig()
+    torch.manual_seed(config.seed)
+    images, labels = load_fashion("train")
+    if config.train_images is not None:
+        images, labels = images[: config.train_images], labels[: config.train_images]
+    data = images * 2 - 1
+    transformer = disable_label_dropout(fashion_transformer(**config.model))
+
+    def pipeline(model):
+        return ClassConditionalTransformerPipeline(transformer=model, scheduler=fashion_scheduler())
+
+    def predict(model, noisy, t, y):
+        return model(noisy, timestep=t, class_labels=y).sample
+
+    return _train(
+        transformer, predict, pipeline, FlowObjective(), data, labels, 10, config,
+        Path(output_dir), Path(run_dir), progress, stop_after_steps, callbacks, "train fashion",
+    )  # fmt: skip
+
+
+def _train(
+    model, predict, pipeline, objective, data, labels, num_classes, config, output_dir: Path, run_dir: Path,
+    progress: bool, stop_after_steps: int | None, callbacks: Sequence[Callback], desc: str,
+) -> dict | None:  # fmt: skip
+    """The training loop both embedded models share (see :func:`train_default`)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
-    ema = EMAModel(unet.parameters(), decay=config.ema_decay)
+    ema = EMAModel(model.parameters(), decay=config.ema_decay)
     generator = torch.Generator().manual_seed(config.seed)
 
     step, elapsed, order, cursor = 0, 0.0, torch.randperm(len(data), generator=generator), 0
     losses: list[float] = []
-    runner = CallbackRunner(callbacks, unet, optimizer, total_steps=config.steps)
+    runner = CallbackRunner(callbacks, model, optimizer, total_steps=config.steps)
     checkpoint = _checkpoint_path(run_dir)
     state = read_checkpoint(checkpoint, config)
     if state is not None:
         # callbacks first: their state may re-apply surgery (L0's pruning masks) that the
-        # saved unet's keys assume
+        # saved model's keys assume
         runner.load_state_dict(state.get("callbacks", runner.state_dict()))
-        unet.load_state_dict(state["unet"])
+        model.load_state_dict(state["unet"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
         ema.load_state_dict(state["ema"])
@@ -168,7 +274,7 @@ def train_default(
     def save_checkpoint() -> None:
         state = {
             "config": asdict(config),
-            "unet": unet.state_dict(),
+            "unet": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "lr_schedule": lr_schedule.state_dict(),
             "ema": ema.state_dict(),
@@ -182,9 +288,9 @@ def train_default(
         }
         write_checkpoint(checkpoint, state)
 
-    unet.train()
+    model.train()
     runner.train_begin()
-    bar = tqdm(total=config.steps, initial=step, desc="train default", disable=not progress)
+    bar = tqdm(total=config.steps, initial=step, desc=desc, disable=not progress)
     while step < config.steps:
         started = time.perf_counter()
         if cursor + config.batch_size > len(order):
@@ -194,22 +300,18 @@ def train_default(
         x0, y = data[index], labels[index].clone()
         drop = torch.rand(len(y), generator=generator) < config.label_dropout
         y[drop] = num_classes
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(
-            first_t, noise_scheduler.config.num_train_timesteps + first_t, (len(y),), generator=generator
-        )
-        noisy = noise_scheduler.add_noise(x0, noise, t)
+        noisy, model_t, target, noise, t = objective.corrupt(x0, generator)
 
-        ctx = runner.step_begin((x0, y), noise=noise, timesteps=t, noise_scheduler=noise_scheduler)
+        ctx = runner.step_begin((x0, y), noise=noise, timesteps=t, noise_scheduler=objective.noise_scheduler)
         ctx.extras = {"x0": x0, "model_kwargs": {"class_labels": y}}
-        ctx.outputs = unet(noisy, t, class_labels=y).sample
-        mse = F.mse_loss(ctx.outputs, noise)
+        ctx.outputs = predict(model, noisy, model_t, y)
+        mse = F.mse_loss(ctx.outputs, target)
         loss = runner.total_loss(mse)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         runner.optimizer_step()
         lr_schedule.step()
-        ema.step(unet.parameters())
+        ema.step(model.parameters())
 
         step += 1
         losses.append(mse.item())
@@ -225,15 +327,14 @@ def train_default(
     bar.close()
     runner.train_end()
 
-    ema.copy_to(unet.parameters())
-    unet.eval()
-    sampler = noise_scheduler if config.corruption == "spd" else default_sampling_scheduler()
-    pipe = DigitsPipeline(unet=unet, scheduler=sampler)
+    ema.copy_to(model.parameters())
+    model.eval()
+    pipe = pipeline(model)
     pipe.save_pretrained(output_dir, safe_serialization=True)
     record = {
         "config": asdict(config),
         "train_images": len(data),
-        "parameters": sum(p.numel() for p in unet.parameters()),
+        "parameters": sum(p.numel() for p in model.parameters()),
         "steps": step,
         "train_seconds": round(elapsed, 1),
         "torch_threads": torch.get_num_threads(),
