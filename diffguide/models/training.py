@@ -37,8 +37,8 @@ from .pipeline import DigitsPipeline, default_sampling_scheduler, default_schedu
 
 
 @dataclass
-class DefaultTrainingConfig:
-    """Hyper-parameters of ``diffguide train default`` (the shipped model uses these defaults)."""
+class TrainingConfig:
+    """What the training of both embedded models shares (the digits model's values)."""
 
     steps: int = 1800
     batch_size: int = 128
@@ -48,8 +48,14 @@ class DefaultTrainingConfig:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     seed: int = 0
-    source: str = "mnist"
     checkpoint_every: int = 100
+
+
+@dataclass
+class DefaultTrainingConfig(TrainingConfig):
+    """Hyper-parameters of ``diffguide train default`` (the shipped model uses these defaults)."""
+
+    source: str = "mnist"
     #: "ddpm" (the shipped model) or "spd" (Shortest Path Diffusion: per-frequency corruption)
     corruption: str = "ddpm"
     #: SPD's data spectrum: "fit" (c1/(c2+|f|)^m fitted to the train split), "authors" (their
@@ -58,18 +64,12 @@ class DefaultTrainingConfig:
 
 
 @dataclass
-class FashionTrainingConfig:
+class FashionTrainingConfig(TrainingConfig):
     """Hyper-parameters of ``diffguide train fashion`` (the shipped Fashion-MNIST model uses these)."""
 
     steps: int = 4000
-    batch_size: int = 128
     learning_rate: float = 3e-4
     warmup_steps: int = 200
-    label_dropout: float = 0.1
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 100
     #: the first N train images only (tests); None: all 60,000
     train_images: int | None = None
     #: keyword arguments of :func:`~diffguide.models.pipeline.fashion_transformer` (tests: a tiny one)
