@@ -128,27 +128,12 @@ class ModelRegistry:
         if name not in self.folders:
             raise AppError(f"unknown model {name!r}; this app was started with: {', '.join(self.names)}")
         folder = self.folders[name]
+        from ..models import load_pipeline
+
         try:
-            pipe = _load_folder(folder)
+            return load_pipeline(folder)
         except Exception as err:  # any failure of a user's folder is reported, not raised
             raise AppError(f"the model folder {folder} failed to load: {err}") from None
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-
-def _load_folder(folder: Path):
-    import json
-
-    from diffusers import DiffusionPipeline
-
-    from ..models import DigitsPipeline
-
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise FileNotFoundError(f"no model_index.json in {folder} (save it with pipe.save_pretrained)")
-    if json.loads(index.read_text()).get("_class_name") == "DigitsPipeline":
-        return DigitsPipeline.from_pretrained(folder)
-    return DiffusionPipeline.from_pretrained(folder, local_files_only=True)
 
 
 def check_settings(steps: int, guidance_scale: float, seed: int) -> tuple[int, float, int]:

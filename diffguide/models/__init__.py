@@ -48,18 +48,19 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     torch_dtype: torch.dtype | None = None,
 ):
-    """An embedded model by name (``"digits"``, also ``"default"``; ``"fashion"``) or any
+    """An embedded model by name (a string: ``"digits"``, also ``"default"``; ``"fashion"``) or any
     pipeline folder that ``DiffusionPipeline.from_pretrained`` loads offline (a
     ``save_pretrained`` output), diffguide's own pipeline classes loaded as such, in
     ``torch_dtype`` if given. Raises ``FileNotFoundError`` for a folder that is not a pipeline,
     naming what is missing."""
-    if str(name_or_folder) in ("digits", "default"):
+    embedded = isinstance(name_or_folder, str) and name_or_folder in EMBEDDED  # a Path is always a folder
+    if embedded and EMBEDDED[name_or_folder] == DEFAULT_MODEL_DIR:
         pipe = load_default_pipeline(device)
         return pipe if torch_dtype in (None, pipe.dtype) else pipe.to(dtype=torch_dtype)
     import json
 
-    folder = EMBEDDED.get(str(name_or_folder), Path(name_or_folder))
-    if str(name_or_folder) in EMBEDDED and not (folder / "model_index.json").is_file():
+    folder = EMBEDDED[name_or_folder] if embedded else Path(name_or_folder)
+    if embedded and not (folder / "model_index.json").is_file():
         raise FileNotFoundError(
             f"the embedded {name_or_folder} model is missing from {folder}; train it with "
             f"`diffguide train {name_or_folder}`"
