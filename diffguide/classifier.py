@@ -7,6 +7,9 @@ For an image ``x0`` and each candidate condition ``c``:
 
 with the same (t_j, eps_j) pairs for every candidate (the differences between classes are
 then paired, which removes most of the variance), and the prediction is ``argmin_c err(c)``.
+Models that predict something else are scored on the noise their output implies: for a
+flow-matching model, ``x_t = (1 - s) x0 + s eps`` at timestep ``t = s T`` and the velocity ``v``
+implies ``eps = x_t + (1 - s) v``, so its error is the velocity error weighted by ``(1 - s)^2``.
 Timesteps come from a strided grid, ``t_k = T // n // 2 + k * (T // n)``. Adaptive
 elimination runs in stages: after stage ``i`` (``n_samples[i]`` grid timesteps in all) only
 the ``keep[i]`` candidates with the lowest mean error go on; errors already computed are
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .prediction import alpha_sigma, from_denoised, prediction_kind, to_denoised
+from .prediction import alpha_sigma, implied_noise, prediction_kind
 
 LOSSES = ("l2", "l1", "huber")
 
@@ -230,8 +233,6 @@ class DiffusionClassifier:
         self.conditioner = _Conditioner(pipe, prompts, prompt_template, class_names)
         self.scheduler = pipe.scheduler
         self.kind = prediction_kind(self.scheduler)
-        if self.kind == "flow":
-            raise TypeError("flow-matching pipelines are not supported by the Diffusion Classifier yet")
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
         self._noise: dict[int, torch.Tensor] = {}
 
@@ -273,13 +274,8 @@ class DiffusionClassifier:
             a, s = (v.reshape(-1, 1, 1, 1).to(device) for v in (alpha, sigma))
             x_t = (a * x0.double().to(device) + s * noise.double()).to(dtype)
             output = self.conditioner.predict(x_t, t.to(device), classes).double()
-            if self.kind == "epsilon":
-                predicted = output
-            else:  # v or sample models: the noise their prediction implies
-                denoised = to_denoised(output, x_t.double(), alpha.to(device), sigma.to(device), self.kind)
-                predicted = from_denoised(
-                    denoised, x_t.double(), alpha.to(device), sigma.to(device), "epsilon"
-                )
+            # v, sample and flow models are scored on the noise their prediction implies
+            predicted = implied_noise(output, x_t.double(), alpha.to(device), sigma.to(device), self.kind)
             out.append(prediction_error(predicted.float(), noise.float(), self.loss).cpu())
         return torch.cat(out) if out else torch.empty(0)
 

@@ -140,3 +140,21 @@ def from_denoised(
     if kind == "reverse_flow":
         return (denoised - sample) / s
     raise ValueError(f"unknown prediction kind {kind!r}; supported: {KINDS}")
+
+
+def implied_noise(
+    output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """The noise ``eps`` in ``x_t = alpha x0 + sigma eps`` that the model ``output`` implies.
+
+    Flow kinds use the closed forms (``x_t + alpha v`` for flow, ``x_t - alpha v`` for reverse
+    flow), which stay finite at ``sigma = 0``; the others go through :func:`to_denoised`.
+    """
+    if kind == "epsilon":
+        return output
+    if kind == "flow":
+        return sample + per_sample(alpha, output) * output
+    if kind == "reverse_flow":
+        return sample - per_sample(alpha, output) * output
+    denoised = to_denoised(output, sample, alpha, sigma, kind)
+    return from_denoised(denoised, sample, alpha, sigma, "epsilon")

@@ -143,3 +143,82 @@ def test_bad_input_gets_clear_errors(tiny_pipe):
         ClassifierSchedule((5, 5), (2, 1))
     with pytest.raises(ValueError, match="needs prompts= or class_names="):
         DiffusionClassifier(tiny_sd())
+
+
+class PlantedFlowTransformer(torch.nn.Module):
+    """A flow-matching DiT stand-in: the exact velocity ``noise - x0`` of one image for
+    ``true_class``, that velocity plus ``offsets[c]`` otherwise."""
+
+    def __init__(self, x0: torch.Tensor, true_class: int, offsets: list[float]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.config = SimpleNamespace(
+            num_embeds_ada_norm=len(offsets), sample_size=x0.shape[-1], in_channels=x0.shape[0]
+        )
+        self.x0, self.true_class, self.offsets = x0 * 2 - 1, true_class, offsets
+        self.timesteps: list[float] = []
+
+    def forward(self, x_t, timestep, class_labels):
+        s = (timestep.double() / 1000).reshape(-1, 1, 1, 1)
+        noise = (x_t.double() - (1 - s) * self.x0) / s
+        offsets = torch.tensor(
+            [0.0 if c == self.true_class else self.offsets[c] for c in class_labels.tolist()]
+        )
+        self.timesteps += timestep.tolist()
+        return SimpleNamespace(sample=(noise - self.x0 + offsets.reshape(-1, 1, 1, 1)).float())
+
+
+def test_flow_models_are_scored_on_the_velocity_error_weighted_by_one_minus_s_squared():
+    # eps = x_t + (1 - s) v, so a velocity off by o is a noise off by (1 - s) o: err(c) is
+    # the mean over the grid of (1 - s_t)^2 o_c^2 (l2), and err(true class) = 0
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    image = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    offsets = [0.3, 0.6, 0.2, 0.9]
+    model = PlantedFlowTransformer(image[0], 1, offsets)
+    pipe = SimpleNamespace(transformer=model, scheduler=FlowMatchEulerDiscreteScheduler(), num_classes=4)
+    result = DiffusionClassifier(pipe, schedule=ClassifierSchedule((8,), (1,))).classify(image)
+    grid = torch.tensor(timestep_grid(1000, 8), dtype=torch.float64)
+    weight = ((1 - grid / 1000) ** 2).mean().item()
+    expected = [0.0 if c == 1 else weight * o**2 for c, o in enumerate(offsets)]
+    assert result.labels.tolist() == [1]
+    torch.testing.assert_close(
+        result.errors[0].double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=1e-4
+    )
+    assert sorted(set(model.timesteps)) == grid.tolist()
+
+
+def test_the_flow_transformer_pipeline_is_classified_through_its_velocity():
+    """On a tiny ClassConditionalTransformerPipeline: each error equals the one computed by
+    hand from the transformer's velocity at x_s = (1 - s) x0 + s eps."""
+    from diffguide.models.pipeline import (
+        ClassConditionalTransformerPipeline,
+        fashion_scheduler,
+        fashion_transformer,
+    )
+
+    torch.manual_seed(0)
+    pipe = ClassConditionalTransformerPipeline(
+        transformer=fashion_transformer(num_layers=1, num_attention_heads=2, attention_head_dim=8),
+        scheduler=fashion_scheduler(),
+    )
+    image = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    classifier = DiffusionClassifier(pipe, schedule=ClassifierSchedule((3,), (1,)))
+    result = classifier.classify(image)
+    x0 = image[0].double() * 2 - 1
+    for c in range(10):
+        errors = []
+        for t in timestep_grid(1000, 3):
+            s, noise = t / 1000, classifier.noise_at(t).double()
+            x_s = (1 - s) * x0 + s * noise
+            with torch.no_grad():
+                v = (
+                    pipe.transformer(
+                        x_s[None].float(), timestep=torch.tensor([t]), class_labels=torch.tensor([c])
+                    )
+                    .sample[0]
+                    .double()
+                )
+            errors.append((((1 - s) * (v - (noise - x0))) ** 2).mean().item())
+        assert result.errors[0, c].item() == pytest.approx(sum(errors) / len(errors), rel=1e-4)
+    assert result.nfe.tolist() == [30]
