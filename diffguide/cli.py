@@ -196,10 +196,10 @@ def _run_methods(args: argparse.Namespace, methods: list[str]) -> int:
         except ValueError as err:
             raise UsageError(f"{name}: {err}") from None
     judge = None
-    if class_labels is not None and args.pipeline in ("digits", "default"):
+    if class_labels is not None and args.pipeline in ("digits", "default", "fashion"):
         from .models import load_judge
 
-        judge = load_judge()
+        judge = load_judge("fashion" if args.pipeline == "fashion" else "digits")
     results = compare(
         pipe, rules, class_labels=class_labels, prompts=prompts, negative_prompt=args.negative_prompt,
         seed=args.seed, judge=judge, guidance_scale=args.scale, num_inference_steps=args.steps,
@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     def pipeline_arguments(command, steps: int, n: int) -> None:
         command.add_argument(
             "--pipeline", default="digits", metavar="DIR",
-            help="'digits' (the embedded model, default) or a saved diffusers pipeline folder, loaded offline",
+            help="'digits' (the embedded model, default), 'fashion' (the embedded flow transformer) or a saved diffusers pipeline folder, loaded offline",
         )  # fmt: skip
         command.add_argument(
             "--labels", default=None, help="class-conditional models: e.g. 0-9 (default), 3, 1,3,5"

@@ -1,7 +1,8 @@
-"""The default model as a zero-shot classifier, against the judge CNN.
+"""An embedded model as a zero-shot classifier, against its judge CNN.
 
     python evals/classifier.py                       # all 1,000 test digits with "fast";
                                                      # the paper's schedule on 50 of them
+    python evals/classifier.py --model fashion --images 1000 --paper-images 20
     python evals/classifier.py --probe               # which timesteps separate the classes
 
 Rows: the judge (discriminative baseline), our "fast" schedule, and the paper's CIFAR-10
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import RESULTS, ROOT, machine, markdown_table, write_result, write_section  # noqa: E402
+from report import MODELS, RESULTS, ROOT, embedded_model, machine, markdown_table, write_result, write_section  # noqa: E402
 
 import diffguide as dg  # noqa: E402
 from diffguide.classifier import PRESETS, ClassifierSchedule, DiffusionClassifier, timestep_grid  # noqa: E402
@@ -100,10 +101,17 @@ def probe(pipe, n_images: int, batch_size: int) -> None:
     )
 
 
+def load_rows(cache: Path) -> dict:
+    """Cached rows keyed ``"model: schedule"`` (rows from before the model column are digits')."""
+    rows = json.loads(cache.read_text()) if cache.exists() else {}
+    return {key if ": " in key else f"digits: {key}": row for key, row in rows.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--model", default="digits", choices=list(MODELS))
     parser.add_argument("--images", type=int, default=1000, help="test images for the judge and 'fast'")
     parser.add_argument(
         "--paper-images", type=int, default=50, help="test images for the paper's schedule (0: skip)"
@@ -114,54 +122,70 @@ def main() -> None:
     parser.add_argument("--probe-images", type=int, default=50)
     args = parser.parse_args()
 
-    pipe = dg.load_default_pipeline()
+    pipe, judge, images, labels = embedded_model(args.model)
     if args.probe:
+        if args.model != "digits":
+            raise SystemExit("--probe studies the digits model's train split; run it without --model")
         probe(pipe, args.probe_images, args.batch_size)
         return
-    images, labels = dg.load_digits("test")
-    chosen = (
-        torch.arange(len(images))[: args.images] if args.images < len(images) else torch.arange(len(images))
-    )
+    # the first --images of the test split (the fashion split is in random class order)
+    chosen = torch.arange(min(args.images, len(images)))
     paper_chosen = balanced_subset(labels, max(1, args.paper_images // 10))
 
-    judge = dg.load_judge()
     started = time.perf_counter()
     with torch.no_grad():
         judge_accuracy = (judge(images[chosen]).argmax(1) == labels[chosen]).float().mean().item()
     judge_seconds = (time.perf_counter() - started) / len(chosen)
 
     full_nfe = 10 * PRESETS["full"].n_samples[-1]
-    # rows are cached per schedule, so one schedule can be (re)run without the others
+    # rows are cached per model and schedule, so one can be (re)run without the others
     cache = RESULTS / "classifier_rows.json"
-    rows = json.loads(cache.read_text()) if cache.exists() else {}
+    rows = load_rows(cache)
+    rows[f"{args.model}: judge"] = {"images": len(chosen), "accuracy": judge_accuracy,
+                                    "seconds_per_image": judge_seconds}  # fmt: skip
     for name in args.ours.split(","):
-        rows[name] = run_schedule(pipe, PRESETS[name], images[chosen], labels[chosen], args.batch_size)
-        cache.write_text(json.dumps(rows, indent=1))
-    if args.paper_images > 0:
-        rows["paper-cifar10"] = run_schedule(
-            pipe, PRESETS["paper-cifar10"], images[paper_chosen], labels[paper_chosen], args.batch_size
+        rows[f"{args.model}: {name}"] = run_schedule(
+            pipe, PRESETS[name], images[chosen], labels[chosen], args.batch_size
         )
         cache.write_text(json.dumps(rows, indent=1))
+    if args.paper_images > 0:
+        rows[f"{args.model}: paper-cifar10"] = run_schedule(
+            pipe, PRESETS["paper-cifar10"], images[paper_chosen], labels[paper_chosen], args.batch_size
+        )
+    cache.write_text(json.dumps(rows, indent=1))
     command = "python evals/classifier.py " + " ".join(sys.argv[1:])
-    write_result("classifier", {"command": command, "machine": machine(), "judge_accuracy": judge_accuracy,
-                                "judge_seconds_per_image": judge_seconds, "full_nfe": full_nfe, "rows": rows})  # fmt: skip
-    table = [["judge CNN (discriminative)", len(chosen), f"{judge_accuracy:.1%}", "1 forward", "",
-              f"{judge_seconds * 1000:.2f} ms"]]  # fmt: skip
-    for name, row in rows.items():
-        schedule = PRESETS[name]
-        table.append([
-            f"`{name}` {schedule.n_samples} keep {schedule.keep}" + (f", t in {schedule.t_range}" if schedule.t_range else "")
-            + (f", stop at z >= {schedule.stop_z}" if schedule.stop_z else ""),
-            row["images"], f"{row['accuracy']:.1%}", f"{row['nfe']:.0f}", f"{row['nfe'] / full_nfe:.1%}",
-            f"{row['seconds_per_image']:.2f} s",
-        ])  # fmt: skip
-    table.append(["every class at every grid timestep (`full`)", "-", "-", f"{full_nfe}", "100%", "-"])
+    write_result("classifier", {"command": command, "machine": machine(), "full_nfe": full_nfe, "rows": rows})
+    table = []
+    for model in MODELS:
+        for key, row in rows.items():
+            if not key.startswith(f"{model}: "):
+                continue
+            name = key.split(": ", 1)[1]
+            if name == "judge":
+                table.append([model, "judge CNN (discriminative)", row["images"], f"{row['accuracy']:.1%}",
+                              "1 forward", "", f"{row['seconds_per_image'] * 1000:.2f} ms"])  # fmt: skip
+                continue
+            schedule = PRESETS[name]
+            table.append([
+                model,
+                f"`{name}` {schedule.n_samples} keep {schedule.keep}" + (f", t in {schedule.t_range}" if schedule.t_range else "")
+                + (f", stop at z >= {schedule.stop_z}" if schedule.stop_z else ""),
+                row["images"], f"{row['accuracy']:.1%}", f"{row['nfe']:.0f}", f"{row['nfe'] / full_nfe:.1%}",
+                f"{row['seconds_per_image']:.2f} s",
+            ])  # fmt: skip
+    table.append(["any", "every class at every grid timestep (`full`)", "-", "-", f"{full_nfe}", "100%", "-"])
     write_section(
         "classifier",
-        f"## Diffusion Classifier on the default model\n\n`{command.strip()}` ({machine()}). Held-out test "
-        f"digits; the paper's schedule on a class-balanced subset (its cost). l2 loss, noise seed 0.\n\n"
+        f"## Diffusion Classifier on the embedded models\n\nLast written by `{command.strip()}` ({machine()}); "
+        f"each model's rows by `python evals/classifier.py --model NAME ...` (cached in "
+        f"evals/results/classifier_rows.json). Held-out test images: the first N of each test split; the "
+        f"paper's schedule on a class-balanced subset (its cost). l2 loss on the implied noise (for the flow "
+        f"model: the velocity error weighted by (1 - s)^2), noise seed 0. Models: "
+        + "; ".join(f"{m}: {MODELS[m]}" for m in MODELS)
+        + ".\n\n"
         + markdown_table(
-            ["classifier", "test images", "accuracy", "NFE / image", "of full cost", "time / image"], table
+            ["model", "classifier", "test images", "accuracy", "NFE / image", "of full cost", "time / image"],
+            table,
         ),
     )
     print(table)

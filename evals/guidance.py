@@ -1,6 +1,7 @@
-"""Guidance rules against CFG on the embedded default model.
+"""Guidance rules against CFG on the embedded models.
 
-    python evals/guidance.py                          # 1,000 samples per row, w = 3 and 8
+    python evals/guidance.py                          # digits: 1,000 samples per row, w = 3 and 8
+    python evals/guidance.py --model fashion          # the flow transformer: 500 per row, w = 3
     python evals/guidance.py --n-per-class 10 --scales 3   # a quick look
 
 Per row: network evaluations (NFE) per image, wall time relative to CFG measured in the same
@@ -8,9 +9,12 @@ run, the judge's accuracy (does the sample show the class asked for), domain Fre
 distance (judge features) to the 1,000 test digits, and two saturation measures: the
 fraction of pixels of the final, unclipped sample beyond the data range [-1, 1] (how far
 guidance pushes past white and black), and the fraction of output pixels at exactly 0 or 1.
-Every row uses the same seeds (sample i: seed + i) and DDIM with 20 steps, the AG paper's
-setting. LinearAG is calibrated on 200 CFG trajectories with other seeds. Rows are cached in
-evals/results/guidance_rows.json so an interrupted run resumes (``--fresh`` starts over).
+Every row uses the same seeds (sample i: seed + i) and 20 steps of the model's own sampler
+(DDIM for digits, the AG paper's setting; FlowMatchEuler for fashion). The rule settings are
+the same on both models (the digits-tuned ones included), which is the point: a setting tuned
+on one model is shown on the other. LinearAG is calibrated on 200 CFG trajectories with other
+seeds. Rows are cached in evals/results/guidance_rows.json, keyed by model, so an interrupted
+run resumes and a run on one model keeps the other's rows (``--fresh`` recomputes this model's).
 Writes docs/BENCHMARKS.md (section ``guidance``) and docs/figures/guidance_pareto.png.
 """
 
@@ -27,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import RESULTS, ROOT, machine, markdown_table, write_result, write_section  # noqa: E402
+from report import MODELS, RESULTS, ROOT, embedded_model, machine, markdown_table, write_result, write_section  # noqa: E402
 
 import diffguide as dg  # noqa: E402
 from diffguide.compare import calibrate_on_labels  # noqa: E402
@@ -37,12 +41,19 @@ from diffguide.metrics import clipped_fraction, feature_frechet_distance  # noqa
 from diffguide.metrics.features import extract_features  # noqa: E402
 
 INF = float("inf")
+#: per model: default scales and samples per class (the flow transformer's rows are costlier)
+DEFAULTS = {"digits": ("3,8", 100), "fashion": ("3", 50)}
+#: row names before the table covered more than one model
+RENAMED = {"AG 0.991 (eps, paper)": "AG 0.991 (model output, paper)"}
 
 
-def rules_for(pipe, scale: float, steps: int, calibration: int) -> dict[str, dg.GuidanceRule]:
+def rules_for(
+    pipe, scale: float, steps: int, calibration: int, model: str = "digits"
+) -> dict[str, dg.GuidanceRule]:
     """The rows of the table at one guidance scale, by name."""
     linear_ag = calibrate_on_labels(pipe, scale, steps, calibration)
-    linear_ag.save(RESULTS / f"linear_ag_w{scale:g}_{steps}steps.safetensors")
+    prefix = "" if model == "digits" else f"{model}_"
+    linear_ag.save(RESULTS / f"{prefix}linear_ag_w{scale:g}_{steps}steps.safetensors")
     return {
         "CFG": dg.CFG(),
         "APG eta=0 (projection only)": dg.APG(eta=0.0, norm_threshold=INF, momentum=0.0),
@@ -51,7 +62,7 @@ def rules_for(pipe, scale: float, steps: int, calibration: int) -> dict[str, dg.
         "AG 0.991 (x0)": dg.AdaptiveGuidance(0.991),
         "AG 0.994 (x0)": dg.AdaptiveGuidance(0.994),
         "AG 0.996 (x0)": dg.AdaptiveGuidance(0.996),
-        "AG 0.991 (eps, paper)": dg.AdaptiveGuidance(0.991, space="model_output"),
+        "AG 0.991 (model output, paper)": dg.AdaptiveGuidance(0.991, space="model_output"),
         "LinearAG (paper schedule)": linear_ag,
         "LinearAG (real every 3rd step)": linear_ag.with_schedule(paper_schedule(steps, real_every=3)),
     }
@@ -85,23 +96,41 @@ def measure_rule(pipe, judge, rule, labels, test_features, scale, steps, seed, b
     }
 
 
+def row_key(model: str, name: str, scale: float) -> str:
+    return f"{model}: {name} @ w={scale:g}"
+
+
+def load_rows(cache: Path) -> dict:
+    """The cached rows, keyed by :func:`row_key` (rows from before the model column are digits')."""
+    rows = json.loads(cache.read_text()) if cache.exists() else {}
+    keyed = {}
+    for key, row in rows.items():
+        model = row.setdefault("model", "digits")
+        name = key.split(": ", 1)[1] if key.startswith(f"{model}: ") else key
+        name = name.rsplit(" @ w=", 1)[0]
+        keyed[row_key(model, RENAMED.get(name, name), row["scale"])] = row
+    return keyed
+
+
 def pareto_plot(rows: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scales = sorted({row["scale"] for row in rows.values()})
-    fig, axes = plt.subplots(1, len(scales), figsize=(6 * len(scales), 4.5), squeeze=False)
-    for ax, scale in zip(axes[0], scales, strict=True):
-        for name, row in rows.items():
-            if row["scale"] != scale:
+    panels = sorted({(row["model"], row["scale"]) for row in rows.values()})
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (model, scale) in zip(axes[0], panels, strict=True):
+        for key, row in rows.items():
+            if (row["model"], row["scale"]) != (model, scale):
                 continue
+            name = key.split(": ", 1)[1].split(" @")[0]
             marker = "s" if name.startswith("CFG") else ("^" if name.startswith("APG") else "o")
             ax.scatter(row["nfe"], row["domain_fd"], marker=marker)
-            ax.annotate(name.split(" @")[0], (row["nfe"], row["domain_fd"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")  # fmt: skip
-        ax.set_title(f"default model, w={scale:g}, DDIM 20 steps")
+            ax.annotate(
+                name, (row["nfe"], row["domain_fd"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+        ax.set_title(f"{model}, w={scale:g}, {row_steps(rows, model)} steps")
         ax.set_xlabel("NFE per image")
         ax.set_ylabel("domain FD to the test split (lower is better)")
         ax.grid(alpha=0.3)
@@ -110,14 +139,18 @@ def pareto_plot(rows: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def row_steps(rows: dict, model: str) -> int:
+    return next(row["steps"] for row in rows.values() if row["model"] == model)
+
+
 def timing(args) -> None:
     """Wall time of each rule relative to CFG, rules interleaved so machine noise hits all alike."""
-    pipe = dg.load_default_pipeline()
+    pipe = embedded_model(args.model)[0]
     labels = torch.arange(pipe.num_classes).repeat(args.timing // pipe.num_classes + 1)[: args.timing]
     generate_samples(pipe, labels[:10], batch_size=10, guidance_scale=3.0, num_inference_steps=2)  # warm-up
     rows = []
     for scale in [float(s) for s in args.scales.split(",")]:
-        rules = rules_for(pipe, scale, args.steps, args.calibration)
+        rules = rules_for(pipe, scale, args.steps, args.calibration, args.model)
         names = args.only.split(",") if args.only else list(rules)
         names = ["CFG", *[n for n in names if n != "CFG"]]
         seconds: dict[str, list[float]] = {name: [] for name in names}
@@ -129,96 +162,112 @@ def timing(args) -> None:
                 seconds[name].append(time.perf_counter() - started)
         cfg = float(np.median(seconds["CFG"]))
         rows += [
-            [f"{scale:g}", name, f"{np.median(t):.2f}", f"{np.median(t) / cfg:.2f}"]
+            [args.model, f"{scale:g}", name, f"{np.median(t):.2f}", f"{np.median(t) / cfg:.2f}"]
             for name, t in seconds.items()
         ]
     command = "python evals/guidance.py " + " ".join(sys.argv[1:])
+    header = ["model", "w", "rule", "seconds (median)", "time / CFG"]
     write_section(
-        "guidance_timing",
-        f"### Guidance rules: wall time relative to CFG\n\n`{command.strip()}` ({machine()}). {args.timing} samples "
-        f"per rule and round, DDIM {args.steps} steps, batch {args.batch_size}; rules interleaved over 3 rounds, "
-        f"median per rule.\n\n" + markdown_table(["w", "rule", "seconds (median)", "time / CFG"], rows),
+        "guidance_timing" if args.model == "digits" else f"guidance_timing_{args.model}",
+        f"### Guidance rules: wall time relative to CFG ({MODELS[args.model]})\n\n`{command.strip()}` "
+        f"({machine()}). {args.timing} samples per rule and round, {args.steps} steps, batch {args.batch_size}; "
+        f"rules interleaved over 3 rounds, median per rule.\n\n" + markdown_table(header, rows),
     )
-    print(markdown_table(["w", "rule", "seconds (median)", "time / CFG"], rows))
+    print(markdown_table(header, rows))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scales", default="3,8", help="moderate and high guidance scales")
+    parser.add_argument("--model", default="digits", choices=list(MODELS))
+    parser.add_argument("--scales", default=None, help="guidance scales (default: digits 3,8; fashion 3)")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--n-per-class", type=int, default=100)
+    parser.add_argument("--n-per-class", type=int, default=None, help="default: digits 100, fashion 50")
     parser.add_argument("--calibration", type=int, default=200, help="LinearAG calibration trajectories")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")
-    parser.add_argument("--fresh", action="store_true", help="ignore cached rows")
+    parser.add_argument("--fresh", action="store_true", help="recompute this model's cached rows")
     parser.add_argument(
         "--timing", type=int, default=0, metavar="N",
         help="instead: time every rule on N samples, interleaved over 3 rounds (wall-time ratios to CFG)",
     )  # fmt: skip
     args = parser.parse_args()
+    default_scales, default_per_class = DEFAULTS[args.model]
+    args.scales = args.scales or default_scales
+    n_per_class = args.n_per_class or default_per_class
     if args.timing:
         timing(args)
         return
 
-    pipe, judge = dg.load_default_pipeline(), dg.load_judge()
-    pipe.set_progress_bar_config(disable=True)
-    test_images, _ = dg.load_digits("test")
+    pipe, judge, test_images, _ = embedded_model(args.model)
     test_features = extract_features(test_images, judge)
-    labels = torch.arange(pipe.num_classes).repeat_interleave(args.n_per_class)
+    labels = torch.arange(pipe.num_classes).repeat_interleave(n_per_class)
     cache = RESULTS / "guidance_rows.json"
     settings = {"steps": args.steps, "samples": len(labels), "seed": args.seed}
-    rows = {} if args.fresh or not cache.exists() else json.loads(cache.read_text())
-    rows = {k: v for k, v in rows.items() if all(v.get(s) == settings[s] for s in settings)}
+    rows = load_rows(cache)
+    # this model's rows at other settings (or all of them, with --fresh) are dropped; other models' stay
+    rows = {
+        k: v for k, v in rows.items()
+        if v["model"] != args.model or (not args.fresh and all(v.get(s) == settings[s] for s in settings))
+    }  # fmt: skip
 
     # one untimed call first, so the first timed row does not pay for warm-up
     generate_samples(pipe, labels[:10], batch_size=10, guidance_scale=3.0, num_inference_steps=2)
     for scale in [float(s) for s in args.scales.split(",")]:
-        rules = rules_for(pipe, scale, args.steps, args.calibration)
+        rules = rules_for(pipe, scale, args.steps, args.calibration, args.model)
         chosen = args.only.split(",") if args.only else list(rules)
         for name in ["CFG", *[n for n in chosen if n != "CFG"]]:
-            key = f"{name} @ w={scale:g}"
+            key = row_key(args.model, name, scale)
             if key in rows:
                 continue
             print(f"{key}: {rules[name]!r}", flush=True)
             row = measure_rule(
                 pipe, judge, rules[name], labels, test_features, scale, args.steps, args.seed, args.batch_size
             )
-            rows[key] = {**row, **settings, "scale": scale, "rule": repr(rules[name]), "machine": machine()}
+            rows[key] = {**row, **settings, "model": args.model, "scale": scale, "rule": repr(rules[name]),
+                         "machine": machine()}  # fmt: skip
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(rows, indent=1))
             print(f"  {rows[key]}", flush=True)
+    cache.write_text(json.dumps(rows, indent=1))
 
-    real_at_limits = clipped_fraction(test_images)
+    models = [m for m in MODELS if any(row["model"] == m for row in rows.values())]
     table_rows = []
     for key, row in rows.items():
-        cfg = rows[f"CFG @ w={row['scale']:g}"]
+        cfg = rows[row_key(row["model"], "CFG", row["scale"])]
         table_rows.append([
-            f"{row['scale']:g}", key.split(" @")[0], f"{row['nfe']:.1f}", f"{1 - row['nfe'] / cfg['nfe']:.0%}",
-            f"{row['seconds'] / cfg['seconds']:.2f}", f"{row['judge_accuracy']:.1%}", f"{row['domain_fd']:.1f}",
-            f"{row['domain_fd'] / cfg['domain_fd'] - 1:+.0%}", f"{row['over_range']:.1%}", f"{row['at_limits']:.1%}",
+            row["model"], f"{row['scale']:g}", key.split(": ", 1)[1].split(" @")[0], f"{row['nfe']:.1f}",
+            f"{1 - row['nfe'] / cfg['nfe']:.0%}", f"{row['seconds'] / cfg['seconds']:.2f}",
+            f"{row['judge_accuracy']:.1%}", f"{row['domain_fd']:.1f}", f"{row['domain_fd'] / cfg['domain_fd'] - 1:+.0%}",
+            f"{row['over_range']:.1%}", f"{row['at_limits']:.1%}",
         ])  # fmt: skip
-    table_rows.sort(key=lambda r: (float(r[0]), r[1] != "CFG"))
-    header = ["w", "rule", "NFE/image", "NFE saved", "time / CFG", "judge acc.", "domain FD", "FD vs CFG",
-              "over-range", "pixels at 0/1"]  # fmt: skip
+    table_rows.sort(key=lambda r: (models.index(r[0]), float(r[1]), r[2] != "CFG"))
+    header = ["model", "w", "rule", "NFE/image", "NFE saved", "time / CFG", "judge acc.", "domain FD",
+              "FD vs CFG", "over-range", "pixels at 0/1"]  # fmt: skip
+    per_model = "; ".join(
+        f"**{m}** ({MODELS[m]}): {first['samples']} samples per row, seeds {first['seed']}.."
+        f"{first['seed'] + first['samples'] - 1}, {first['steps']} steps"
+        for m in models
+        for first in [next(row for row in rows.values() if row["model"] == m)]
+    )
     command = "python evals/guidance.py " + " ".join(sys.argv[1:])
     write_result("guidance", {"command": command, "machine": machine(), "rows": rows})
-    figure = ROOT / "docs" / "figures" / "guidance_pareto.png"
-    pareto_plot(rows, figure)
+    pareto_plot(rows, ROOT / "docs" / "figures" / "guidance_pareto.png")
     write_section(
         "guidance",
-        f"## Guidance rules vs CFG (default model)\n\n`python evals/guidance.py` regenerates every row; rows are "
-        f"cached in evals/results/guidance_rows.json, and this table was last written by `{command.strip()}` "
-        f"({machine()}). "
-        f"{len(labels)} samples per row (seeds {args.seed}..{args.seed + len(labels) - 1}, the same for every "
-        f"row), DDIM {args.steps} steps. Time is wall time relative to the CFG row of the same scale; rows "
-        f"run one after another, and other jobs shared the CPU during some of them, so read speed from the "
-        f"interleaved timing table (`guidance_timing`) instead. Over-range: pixels of the final unclipped sample outside [-1, 1]. Pixels at 0/1 of the "
-        f"real test digits: {real_at_limits:.1%} (digits sit at the limits by nature, so this is no "
-        f"saturation score here; over-range is). Domain FD floor (two halves of the test split): see "
-        f"`metrics`. NFE against FD: [figures/guidance_pareto.png](figures/guidance_pareto.png).\n\n"
+        f"## Guidance rules vs CFG (both embedded models)\n\n`python evals/guidance.py` (digits) and "
+        f"`python evals/guidance.py --model fashion` regenerate every row; rows are cached in "
+        f"evals/results/guidance_rows.json, and this table was last written by `{command.strip()}` "
+        f"({machine()}). {per_model}; the same seeds for every row of a model. The rule settings are the same "
+        f"on both models, the digits-tuned ones (APG r=2, AG 0.991) included. Time is wall time relative to "
+        f"the CFG row of the same model and scale; rows run one after another, and other jobs shared the CPU "
+        f"during some of them, so read speed from the interleaved timing table (`guidance_timing`) instead. "
+        f"Over-range: pixels of the final unclipped sample outside [-1, 1]. Pixels at 0/1: of the output "
+        f"(real test digits have {clipped_fraction(dg.load_digits('test')[0]):.1%} there by nature, so this is "
+        f"no saturation score on digits; over-range is). Domain FD floors: see `default_model` and "
+        f"`fashion_model`. NFE against FD: [figures/guidance_pareto.png](figures/guidance_pareto.png).\n\n"
         + markdown_table(header, table_rows),
     )
     print(markdown_table(header, table_rows))

@@ -61,3 +61,22 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+#: the embedded models the evals run on: --model name -> (title, sampler description)
+MODELS = {
+    "digits": "digits UNet (epsilon, DDIM)",
+    "fashion": "fashion flow transformer (velocity, FlowMatchEuler)",
+}
+
+
+def embedded_model(name: str):
+    """(pipeline, judge, test images, test labels) of the embedded model ``name``."""
+    import diffguide as dg
+
+    if name not in MODELS:
+        raise SystemExit(f"--model {name!r}: choose from {', '.join(MODELS)}")
+    pipe, judge = dg.load_pipeline(name), dg.load_judge(name)
+    pipe.set_progress_bar_config(disable=True)
+    images, labels = (dg.load_digits if name == "digits" else dg.load_fashion)("test")
+    return pipe, judge, images, labels

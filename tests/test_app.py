@@ -496,3 +496,37 @@ def test_app_shows_bad_input_as_a_message_and_keeps_serving(client, registry):
         )
     image, _ = client.predict("default", "1", "ag", 3.0, 3, 0, *page, api_name="/generate")
     assert PIL.Image.open(image).size == (224, 224)
+
+
+def test_a_flow_transformer_folder_generates_and_classifies_with_its_own_judge(tmp_path):
+    """A ClassConditionalTransformerPipeline (the fashion model's class, tiny and random here)
+    takes class numbers like the digits model, samples as the pipeline itself does, and its
+    Classify tab scores against the fashion judge."""
+    from diffguide.models.pipeline import (
+        ClassConditionalTransformerPipeline,
+        fashion_scheduler,
+        fashion_transformer,
+    )
+
+    torch.manual_seed(0)
+    tiny = ClassConditionalTransformerPipeline(
+        transformer=fashion_transformer(num_layers=1, num_attention_heads=2, attention_head_dim=8),
+        scheduler=fashion_scheduler(),
+    )
+    tiny.save_pretrained(tmp_path / "coats")
+    mine = core.ModelRegistry([tmp_path / "coats"])
+    sample = core.generate(mine, "coats", "4", "cfg", 3.0, 3, 5)
+    direct = tiny(
+        class_labels=[4],
+        guidance_scale=3.0,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(5),
+    ).images[0]
+    assert np.array_equal(_pixels(sample.image), _pixels(direct.resize((224, 224), PIL.Image.NEAREST)))
+    assert sample.nfe == 6
+    with pytest.raises(core.AppError, match="the coats model takes a class from 0 to 9"):
+        core.generate(mine, "coats", "10", "cfg", 3.0, 3, 5)
+    assert mine.get("coats").judge_name == "fashion"
+    result = core.classify(mine, {"composite": _drawn(torch.rand(1, 28, 28))}, model_name="coats")
+    assert set(result.judge_probabilities) == {str(c) for c in range(10)}
+    assert len(result.errors) >= 1 and result.nfe > 0

@@ -28,6 +28,8 @@ from ..hooks import guided, stats
 from ..images import labelled_grid, to_pil
 
 DEFAULT_MODEL = "default"
+#: the second embedded model (the Fashion-MNIST flow transformer), offered when its weights ship
+FASHION_MODEL = "fashion"
 #: every method of the registry (``diffguide/guidance/registry.py``), in its order
 METHOD_NAMES = tuple(METHODS)
 #: (method, parameter) of every control the page makes, in the order the handlers take them
@@ -54,10 +56,16 @@ class LoadedModel:
     linear_ag: dict = field(default_factory=dict)
 
     @property
-    def is_digits(self) -> bool:
-        from ..models import DigitsPipeline
+    def is_class_conditional(self) -> bool:
+        """A class-label model (digits UNet, fashion transformer): conditions are class numbers."""
+        from ..models.pipeline import ClassConditionalPipeline
 
-        return isinstance(self.pipe, DigitsPipeline)
+        return isinstance(self.pipe, ClassConditionalPipeline)
+
+    @property
+    def judge_name(self) -> str:
+        """The embedded judge for this model's data (``load_judge``'s name)."""
+        return "fashion" if getattr(self.pipe, "guidance_family", None) == "fashion" else "digits"
 
 
 class ModelRegistry:
@@ -75,11 +83,14 @@ class ModelRegistry:
         self._loaded: dict[str, LoadedModel] = {}
         self._guard = threading.Lock()  # held only to look up or create the per-name locks
         self._loading: dict[str, threading.Lock] = {}
-        self._judge = None
+        self._judges: dict[str, object] = {}
 
     @property
     def names(self) -> list[str]:
-        return [DEFAULT_MODEL, *self.folders]
+        from ..models import FASHION_MODEL_DIR
+
+        fashion = [FASHION_MODEL] if (FASHION_MODEL_DIR / "model_index.json").is_file() else []
+        return [DEFAULT_MODEL, *[n for n in fashion if n not in self.folders], *self.folders]
 
     def _once(self, key: str, load) -> LoadedModel:
         """``self._loaded[key]``, loading it once; loading one model blocks only its own callers."""
@@ -97,13 +108,13 @@ class ModelRegistry:
         """The loaded model called ``name`` (loaded on first use); AppError if it cannot load."""
         return self._once(name, lambda: self._load(name))
 
-    def judge(self):
-        """The judge network, loaded once."""
-        if self._judge is None:
+    def judge(self, name: str = "digits"):
+        """The judge network for ``name``'s data (``"digits"``, ``"fashion"``), loaded once."""
+        if name not in self._judges:
             from ..models import load_judge
 
-            self._judge = load_judge()
-        return self._judge
+            self._judges[name] = load_judge(name)
+        return self._judges[name]
 
     def get_with_lora(self, lora: str | Path) -> LoadedModel:
         """The default model with the LoRA at ``lora`` loaded (a copy of its own, loaded once)."""
@@ -125,6 +136,10 @@ class ModelRegistry:
             from ..models import load_default_pipeline
 
             return load_default_pipeline()
+        if name == FASHION_MODEL and name not in self.folders and name in self.names:
+            from ..models import load_pipeline
+
+            return load_pipeline(FASHION_MODEL)
         if name not in self.folders:
             raise AppError(f"unknown model {name!r}; this app was started with: {', '.join(self.names)}")
         folder = self.folders[name]
@@ -156,15 +171,15 @@ def check_settings(steps: int, guidance_scale: float, seed: int) -> tuple[int, f
 
 
 def parse_condition(model: LoadedModel, condition: str | int) -> int | str:
-    """A digit class for digits models, a prompt for text pipelines."""
-    if model.is_digits:
+    """A class number for class-label models, a prompt for text pipelines."""
+    if model.is_class_conditional:
         try:
             label = int(str(condition).strip())
         except ValueError:
             label = -1
         if not 0 <= label < model.pipe.num_classes:
             raise AppError(
-                f"the digits model takes a class from 0 to {model.pipe.num_classes - 1}, got {condition!r}"
+                f"the {model.name} model takes a class from 0 to {model.pipe.num_classes - 1}, got {condition!r}"
             )
         return label
     prompt = str(condition).strip()
@@ -269,7 +284,7 @@ def _sample(
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     with model.lock, torch.no_grad(), guided(model.pipe, rule):
-        if model.is_digits:
+        if model.is_class_conditional:
             output = model.pipe(
                 class_labels=[condition], guidance_scale=scale, num_inference_steps=steps, generator=generator
             )
@@ -279,7 +294,7 @@ def _sample(
         nfe = stats(model.pipe)["nfe"]
     seconds = time.perf_counter() - started
     image = output.images[0]
-    if model.is_digits:  # 28 x 28 is too small to see in a page
+    if model.is_class_conditional:  # 28 x 28 is too small to see in a page
         image = image.resize((image.width * 8, image.height * 8), PIL.Image.NEAREST)
     return Sample(name, image, nfe, seconds)
 
@@ -437,11 +452,11 @@ def classify(
         raise AppError(f"unknown schedule {schedule!r}; choose from {', '.join(PRESETS)}")
     digit = sketch_to_digit(image)
     model = registry.get(model_name)
-    if not model.is_digits:
-        raise AppError(f"{model_name} is a text-to-image model; the classify tab takes a digits model")
+    if not model.is_class_conditional:
+        raise AppError(f"{model_name} is a text-to-image model; the classify tab takes a class-label model")
     with model.lock, torch.no_grad():
         result = DiffusionClassifier(model.pipe, schedule=schedule).classify(digit)
-        probabilities = torch.softmax(registry.judge()(digit), dim=1)[0]
+        probabilities = torch.softmax(registry.judge(model.judge_name)(digit), dim=1)[0]
     errors = result.errors[0]
     return Classification(
         digit=digit,
