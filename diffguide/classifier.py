@@ -233,6 +233,13 @@ class DiffusionClassifier:
         self.conditioner = _Conditioner(pipe, prompts, prompt_template, class_names)
         self.scheduler = pipe.scheduler
         self.kind = prediction_kind(self.scheduler)
+        if self.kind in ("flow", "reverse_flow") and self.conditioner.text_embeddings is not None:
+            # their denoisers take other timestep conventions (Flux t/1000, Lumina 1 - t/1000)
+            # and other prompt encoders; only class-label flow models are wired here
+            raise TypeError(
+                f"{type(pipe).__name__}: text-conditional flow-matching pipelines are not supported by the "
+                "Diffusion Classifier yet; class-label flow models (ClassConditionalTransformerPipeline) are"
+            )
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
         self._noise: dict[int, torch.Tensor] = {}
 

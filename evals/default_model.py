@@ -133,7 +133,7 @@ def main() -> None:
              f"{row['judge_accuracy']:.1%}", ">= 95%" if args.model == "digits" else ""],
             ["per class", classes, ""],
             [f"domain FD, {row['samples']} samples vs test split ({len(test_features)})", f"{row['domain_fd_to_test']:.2f}", ""],
-            [f"domain FD, {row['samples']} train images vs test split (real-data floor at the same count)",
+            [f"domain FD, {len(same_count)} train images vs test split (real-data floor at the sample count)",
              f"{record['floor_domain_fd_same_count']:.2f}", ""],
             [f"domain FD, train split ({len(train_features)}) vs test split", f"{record['floor_domain_fd_train_vs_test']:.2f}", ""],
             [f"domain FD, two halves of the test split ({half} each)", f"{record['floor_domain_fd_test_halves']:.2f}", ""],

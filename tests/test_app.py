@@ -471,7 +471,7 @@ def test_app_classify_tab(client, tmp_path):
     path = tmp_path / "drawn.png"
     PIL.Image.fromarray(_drawn(images[1])).save(path)
     sketch = {"background": None, "layers": [], "composite": handle_file(str(path))}
-    preview, errors, judge, summary = client.predict(sketch, None, "fast", api_name="/classify")
+    preview, errors, judge, summary = client.predict(sketch, None, "fast", "default", api_name="/classify")
     assert judge["label"] == str(int(labels[1]))
     assert f"Diffusion Classifier: **{int(labels[1])}**" in summary
 
@@ -495,7 +495,11 @@ def test_app_shows_bad_input_as_a_message_and_keeps_serving(client, registry):
         client.predict("default", "3", "linear-ag", 3.0, 4, 0, *wrong, api_name="/generate")
     with pytest.raises(ClientAppError, match="sketch is empty"):
         client.predict(
-            {"background": None, "layers": [], "composite": None}, None, "fast", api_name="/classify"
+            {"background": None, "layers": [], "composite": None},
+            None,
+            "fast",
+            "default",
+            api_name="/classify",
         )
     image, _ = client.predict("default", "1", "ag", 3.0, 3, 0, *page, api_name="/generate")
     assert PIL.Image.open(image).size == (224, 224)

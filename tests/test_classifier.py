@@ -222,3 +222,16 @@ def test_the_flow_transformer_pipeline_is_classified_through_its_velocity():
             errors.append((((1 - s) * (v - (noise - x0))) ** 2).mean().item())
         assert result.errors[0, c].item() == pytest.approx(sum(errors) / len(errors), rel=1e-4)
     assert result.nfe.tolist() == [30]
+
+
+def test_text_conditional_flow_pipelines_are_refused_with_the_reason():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    transformer = torch.nn.Linear(1, 1)
+    transformer.config = SimpleNamespace(sample_size=8, in_channels=4)
+    pipe = SimpleNamespace(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), device="cpu",
+        encode_prompt=lambda prompts, *args: (torch.zeros(len(prompts), 3, 4),),
+    )  # fmt: skip
+    with pytest.raises(TypeError, match="text-conditional flow-matching pipelines are not supported"):
+        DiffusionClassifier(pipe, prompts=["a cat", "a dog"])

@@ -139,7 +139,10 @@ class ModelRegistry:
         if name == FASHION_MODEL and name not in self.folders and name in self.names:
             from ..models import load_pipeline
 
-            return load_pipeline(FASHION_MODEL)
+            try:
+                return load_pipeline(FASHION_MODEL)
+            except Exception as err:  # a half-written model folder is reported, not raised
+                raise AppError(f"the embedded fashion model failed to load: {err}") from None
         if name not in self.folders:
             raise AppError(f"unknown model {name!r}; this app was started with: {', '.join(self.names)}")
         folder = self.folders[name]
@@ -386,9 +389,12 @@ def interpolate(
     return strips[0], strips[1]
 
 
-def sketch_to_digit(image: np.ndarray | PIL.Image.Image | dict | None, size: int = 28) -> torch.Tensor:
-    """A drawn or uploaded digit as the models see digits: (1, 1, 28, 28) in [0, 1], white on
-    black, the ink's bounding box scaled to 20 pixels and centred (MNIST's convention).
+def sketch_to_digit(
+    image: np.ndarray | PIL.Image.Image | dict | None, size: int = 28, inner: int | None = None
+) -> torch.Tensor:
+    """A drawn or uploaded image as the class-label models see theirs: (1, 1, 28, 28) in [0, 1],
+    white on black, the ink's bounding box scaled to ``inner`` pixels (default 20, MNIST's
+    convention; Fashion-MNIST's items fill the frame, 28) and centred.
 
     Accepts Gradio's sketchpad value (a dict with ``composite``), an array or a PIL image; a
     transparent background counts as paper, and dark ink on light paper is inverted.
@@ -421,7 +427,7 @@ def sketch_to_digit(image: np.ndarray | PIL.Image.Image | dict | None, size: int
         raise AppError("the sketch is empty: draw a digit (or upload an image) first")
     rows, cols = np.nonzero(ink > 0.1 * ink.max())
     ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-    inner = size * 20 // 28
+    inner = inner or size * 20 // 28
     scale = inner / max(ink.shape)
     height, width = max(1, round(ink.shape[0] * scale)), max(1, round(ink.shape[1] * scale))
     small = PIL.Image.fromarray((ink * 255).astype(np.uint8)).resize((width, height), PIL.Image.LANCZOS)
@@ -445,15 +451,16 @@ class Classification:
 def classify(
     registry: ModelRegistry, image, model_name: str = DEFAULT_MODEL, schedule: str = "fast"
 ) -> Classification:
-    """Classify a sketch with the Diffusion Classifier of a digits model and with the judge."""
+    """Classify a sketch with the Diffusion Classifier of a class-label model and with the judge
+    of its data."""
     from ..classifier import PRESETS, DiffusionClassifier
 
     if schedule not in PRESETS:
         raise AppError(f"unknown schedule {schedule!r}; choose from {', '.join(PRESETS)}")
-    digit = sketch_to_digit(image)
     model = registry.get(model_name)
     if not model.is_class_conditional:
         raise AppError(f"{model_name} is a text-to-image model; the classify tab takes a class-label model")
+    digit = sketch_to_digit(image, inner=28 if model.judge_name == "fashion" else None)
     with model.lock, torch.no_grad():
         result = DiffusionClassifier(model.pipe, schedule=schedule).classify(digit)
         probabilities = torch.softmax(registry.judge(model.judge_name)(digit), dim=1)[0]

@@ -212,8 +212,9 @@ def build_app(registry: core.ModelRegistry | None = None):
         return base.image, smooth.image, summary
 
     @_readable_errors
-    def on_classify(sketch, upload, schedule, progress=tracked):
-        result = core.classify(registry, upload if upload is not None else sketch, schedule=schedule)
+    def on_classify(sketch, upload, schedule, model_name=core.DEFAULT_MODEL, progress=tracked):
+        image = upload if upload is not None else sketch
+        result = core.classify(registry, image, model_name=model_name, schedule=schedule)
         errors = pd.DataFrame({"class": list(result.errors), "error": list(result.errors.values())})
         summary = (
             f"Diffusion Classifier: **{result.prediction}** ({result.nfe} network evaluations); "
@@ -303,6 +304,9 @@ def build_app(registry: core.ModelRegistry | None = None):
                     k_schedule = gr.Dropdown(
                         ["fast", "paper-cifar10", "full"], value="fast", label="schedule"
                     )
+                    k_model = gr.Dropdown(
+                        registry.names, value=core.DEFAULT_MODEL, label="model (class labels)"
+                    )
                     k_button = gr.Button("Classify", variant="primary", elem_id="classify-button")
                 with gr.Column():
                     k_preview = gr.Image(
@@ -318,7 +322,7 @@ def build_app(registry: core.ModelRegistry | None = None):
                     k_judge = gr.Label(num_top_classes=3, label="judge network probabilities")
             k_button.click(
                 on_classify,
-                [k_sketch, k_upload, k_schedule],
+                [k_sketch, k_upload, k_schedule, k_model],
                 [k_preview, k_errors, k_judge, k_summary],
                 api_name="classify",
             )
