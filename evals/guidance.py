@@ -1,14 +1,15 @@
 """Guidance rules against CFG on the embedded models.
 
     python evals/guidance.py                          # digits: 1,000 samples per row, w = 3 and 8
-    python evals/guidance.py --model fashion          # the flow transformer: 500 per row, w = 3
+    python evals/guidance.py --model fashion          # the flow transformer: 300 per row, w = 3
     python evals/guidance.py --n-per-class 10 --scales 3   # a quick look
 
 Per row: network evaluations (NFE) per image, wall time relative to CFG measured in the same
 run, the judge's accuracy (does the sample show the class asked for), domain Frechet
-distance (judge features) to the model's test split (1,000 digits; 10,000 fashion images), and two saturation measures: the
-fraction of pixels of the final, unclipped sample beyond the data range [-1, 1] (how far
-guidance pushes past white and black), and the fraction of output pixels at exactly 0 or 1.
+distance (judge features) to the model's test split (1,000 digits; 10,000 fashion images),
+and two saturation measures: the fraction of pixels of the final, unclipped sample beyond
+the data range [-1, 1] (how far guidance pushes past white and black), and the fraction of
+output pixels at exactly 0 or 1.
 Every row uses the same seeds (sample i: seed + i) and 20 steps of the model's own sampler
 (DDIM for digits, the AG paper's setting; FlowMatchEuler for fashion). The rule settings are
 the same on both models (the digits-tuned ones included), which is the point: a setting tuned
@@ -42,7 +43,7 @@ from diffguide.metrics.features import extract_features  # noqa: E402
 
 INF = float("inf")
 #: per model: default scales and samples per class (the flow transformer's rows are costlier)
-DEFAULTS = {"digits": ("3,8", 100), "fashion": ("3", 50)}
+DEFAULTS = {"digits": ("3,8", 100), "fashion": ("3", 30)}
 #: row names before the table covered more than one model
 RENAMED = {"AG 0.991 (eps, paper)": "AG 0.991 (model output, paper)"}
 
@@ -183,7 +184,7 @@ def main() -> None:
     parser.add_argument("--model", default="digits", choices=list(MODELS))
     parser.add_argument("--scales", default=None, help="guidance scales (default: digits 3,8; fashion 3)")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--n-per-class", type=int, default=None, help="default: digits 100, fashion 50")
+    parser.add_argument("--n-per-class", type=int, default=None, help="default: digits 100, fashion 30")
     parser.add_argument("--calibration", type=int, default=200, help="LinearAG calibration trajectories")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=100)
