@@ -189,3 +189,33 @@ def test_the_shipped_judge_reaches_the_published_cnn_baselines():
     assert accuracy >= 0.91
     recorded = json.loads((dg.models.FASHION_JUDGE_DIR / "judge.json").read_text())
     assert accuracy == pytest.approx(recorded["test_accuracy"], abs=1e-6)
+
+
+def _shipped() -> ClassConditionalTransformerPipeline:
+    pipe = dg.load_pipeline("fashion")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_the_shipped_model_is_the_recorded_run_and_loads_by_name():
+    pipe = _shipped()
+    assert type(pipe) is ClassConditionalTransformerPipeline and pipe.num_classes == 10
+    record = json.loads((dg.models.FASHION_MODEL_DIR / "training.json").read_text())
+    assert record["steps"] == FashionTrainingConfig().steps and record["config"]["seed"] == 0
+    assert record["parameters"] == sum(p.numel() for p in pipe.transformer.parameters())
+    weights = dg.models.FASHION_MODEL_DIR / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size <= 30 * 2**20  # the issue's package budget
+
+
+def test_guidance_identities_on_the_shipped_flow_transformer():
+    """The same identities as on the tiny build, on the trained weights: the hook's CFG is the
+    pipeline's own bit for bit, APG and AG at their off settings equal CFG, removal is exact."""
+    pipe = _shipped()
+    plain = _run(pipe, labels=(0, 9))
+    assert torch.equal(plain, _run(pipe, labels=(0, 9)))  # same seed, same images
+    with dg.guided(pipe, dg.CFG()):
+        assert torch.equal(_run(pipe, labels=(0, 9)), plain)
+    for rule in (dg.APG(eta=1.0, norm_threshold=math.inf, momentum=0.0), dg.AdaptiveGuidance(threshold=1.5)):
+        with dg.guided(pipe, rule):
+            torch.testing.assert_close(_run(pipe, labels=(0, 9)), plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(_run(pipe, labels=(0, 9)), plain)
