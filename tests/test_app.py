@@ -509,17 +509,9 @@ def test_a_flow_transformer_folder_generates_and_classifies_with_its_own_judge(t
     """A ClassConditionalTransformerPipeline (the fashion model's class, tiny and random here)
     takes class numbers like the digits model, samples as the pipeline itself does, and its
     Classify tab scores against the fashion judge."""
-    from diffguide.models.pipeline import (
-        ClassConditionalTransformerPipeline,
-        fashion_scheduler,
-        fashion_transformer,
-    )
+    from tiny_pipelines import tiny_fashion
 
-    torch.manual_seed(0)
-    tiny = ClassConditionalTransformerPipeline(
-        transformer=fashion_transformer(num_layers=1, num_attention_heads=2, attention_head_dim=8),
-        scheduler=fashion_scheduler(),
-    )
+    tiny = tiny_fashion()
     tiny.save_pretrained(tmp_path / "coats")
     mine = core.ModelRegistry([tmp_path / "coats"])
     sample = core.generate(mine, "coats", "4", "cfg", 3.0, 3, 5)

@@ -191,17 +191,9 @@ def test_flow_models_are_scored_on_the_velocity_error_weighted_by_one_minus_s_sq
 def test_the_flow_transformer_pipeline_is_classified_through_its_velocity():
     """On a tiny ClassConditionalTransformerPipeline: each error equals the one computed by
     hand from the transformer's velocity at x_s = (1 - s) x0 + s eps."""
-    from diffguide.models.pipeline import (
-        ClassConditionalTransformerPipeline,
-        fashion_scheduler,
-        fashion_transformer,
-    )
+    from tiny_pipelines import tiny_fashion
 
-    torch.manual_seed(0)
-    pipe = ClassConditionalTransformerPipeline(
-        transformer=fashion_transformer(num_layers=1, num_attention_heads=2, attention_head_dim=8),
-        scheduler=fashion_scheduler(),
-    )
+    pipe = tiny_fashion()
     image = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     classifier = DiffusionClassifier(pipe, schedule=ClassifierSchedule((3,), (1,)))
     result = classifier.classify(image)

@@ -272,3 +272,19 @@ def tiny_pixart() -> PixArtAlphaPipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_fashion():
+    """The fashion model's pipeline class with a one-block, width-16 DiT (seeded random weights)."""
+    from diffguide.models.pipeline import (
+        ClassConditionalTransformerPipeline,
+        fashion_scheduler,
+        fashion_transformer,
+    )
+
+    transformer = _seeded(
+        lambda: fashion_transformer(num_layers=1, num_attention_heads=2, attention_head_dim=8)
+    )
+    pipe = ClassConditionalTransformerPipeline(transformer=transformer, scheduler=fashion_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
