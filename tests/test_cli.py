@@ -177,7 +177,7 @@ def test_sample_refuses_what_a_pipeline_cannot_take(tmp_path, capsys):
         (["--method", "apg", "--param", "eta"], "write key=value"),
         (
             ["--method", "apg", "--preset", "sd15"],
-            "--preset sd15: none of apg has it (presets: digits, edm2-xxl, sdxl",
+            "--preset sd15: none of apg has it (presets: digits, edm2-xxl, fashion, sdxl",
         ),
         (["--device", "cuda:7"] if not torch_cuda() else ["--device", "nowhere"], "--device"),
         (
