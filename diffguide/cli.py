@@ -196,10 +196,10 @@ def _run_methods(args: argparse.Namespace, methods: list[str]) -> int:
         except ValueError as err:
             raise UsageError(f"{name}: {err}") from None
     judge = None
-    if class_labels is not None and args.pipeline in ("digits", "default", "fashion"):
-        from .models import load_judge
+    from .models import JUDGE_DIRS, load_judge
 
-        judge = load_judge("fashion" if args.pipeline == "fashion" else "digits")
+    if class_labels is not None and args.pipeline in JUDGE_DIRS:  # an embedded model: its own judge
+        judge = load_judge(args.pipeline)
     results = compare(
         pipe, rules, class_labels=class_labels, prompts=prompts, negative_prompt=args.negative_prompt,
         seed=args.seed, judge=judge, guidance_scale=args.scale, num_inference_steps=args.steps,

@@ -26,9 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import embedded_model, machine, markdown_table, write_result, write_section  # noqa: E402
+from report import MODELS, embedded_model, load_split, machine, markdown_table, write_result, write_section  # noqa: E402
 
-import diffguide as dg  # noqa: E402
 from diffguide.generation import generate_samples  # noqa: E402
 from diffguide.metrics import feature_frechet_distance  # noqa: E402
 from diffguide.metrics.features import extract_features  # noqa: E402
@@ -70,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="digits", choices=["digits", "fashion"])
+    parser.add_argument("--model", default="digits", choices=list(MODELS))
     parser.add_argument("--scale", type=float, default=3.0)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--n-per-class", type=int, default=100)
@@ -80,9 +79,7 @@ def main() -> None:
     args = parser.parse_args()
 
     pipe, judge, test_images, test_labels = embedded_model(args.model)
-    train_images, _ = (dg.load_digits if args.model == "digits" else dg.load_fashion)("train")
     test_features, test_predictions = judge_features_and_predictions(judge, test_images)
-    train_features, _ = judge_features_and_predictions(judge, train_images)
     command = "python evals/default_model.py " + " ".join(sys.argv[1:])
     name = "default_model" if args.model == "digits" else f"{args.model}_model"
     title = "Default model" if args.model == "digits" else "Fashion-MNIST model"
@@ -110,6 +107,9 @@ def main() -> None:
     row = measure(
         pipe, judge, test_features, args.scale, args.steps, args.n_per_class, args.seed, args.batch_size
     )
+    train_features, _ = judge_features_and_predictions(
+        judge, load_split(args.model, "train")[0]
+    )  # floors only
     half = len(test_features) // 2
     # as many train images as samples, spread over the split (seeded), for the floor at that count
     same_count = torch.randperm(len(train_features), generator=torch.Generator().manual_seed(0))[

@@ -63,7 +63,7 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-#: the embedded models the evals run on: --model name -> (title, sampler description)
+#: the embedded models the evals run on: --model name -> what it is, for table captions
 MODELS = {
     "digits": "digits UNet (epsilon, DDIM)",
     "fashion": "fashion flow transformer (velocity, FlowMatchEuler)",
@@ -78,5 +78,11 @@ def embedded_model(name: str):
         raise SystemExit(f"--model {name!r}: choose from {', '.join(MODELS)}")
     pipe, judge = dg.load_pipeline(name), dg.load_judge(name)
     pipe.set_progress_bar_config(disable=True)
-    images, labels = (dg.load_digits if name == "digits" else dg.load_fashion)("test")
-    return pipe, judge, images, labels
+    return (pipe, judge, *load_split(name, "test"))
+
+
+def load_split(name: str, split: str):
+    """(images, labels) of the data split ``split`` the embedded model ``name`` was trained on."""
+    import diffguide as dg
+
+    return (dg.load_digits if name == "digits" else dg.load_fashion)(split)

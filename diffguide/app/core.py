@@ -136,22 +136,17 @@ class ModelRegistry:
             from ..models import load_default_pipeline
 
             return load_default_pipeline()
-        if name == FASHION_MODEL and name not in self.folders and name in self.names:
-            from ..models import load_pipeline
-
-            try:
-                return load_pipeline(FASHION_MODEL)
-            except Exception as err:  # a half-written model folder is reported, not raised
-                raise AppError(f"the embedded fashion model failed to load: {err}") from None
-        if name not in self.folders:
+        if name not in self.names:
             raise AppError(f"unknown model {name!r}; this app was started with: {', '.join(self.names)}")
-        folder = self.folders[name]
         from ..models import load_pipeline
 
+        # a started folder (a Path), else the embedded fashion model by its name
+        source = self.folders.get(name, name)
+        what = f"the model folder {source}" if name in self.folders else f"the embedded {name} model"
         try:
-            return load_pipeline(folder)
-        except Exception as err:  # any failure of a user's folder is reported, not raised
-            raise AppError(f"the model folder {folder} failed to load: {err}") from None
+            return load_pipeline(source)
+        except Exception as err:  # any failure of a model folder is reported, not raised
+            raise AppError(f"{what} failed to load: {err}") from None
 
 
 def check_settings(steps: int, guidance_scale: float, seed: int) -> tuple[int, float, int]:
