@@ -310,16 +310,19 @@ def _features_extractor(name: str, inception_weights: str | None = None):
         raise UsageError(f"cannot load {path} as a TorchScript feature extractor: {err}") from None
 
 
-def _stats_or_features(source: str, extractor, channels: int, size: int | None, key: str):
-    """(mu, sigma, features or None) for an image folder or a saved .npz statistics file."""
+def _stats_or_features(
+    source: str, extractor, channels: int, size: int | None, key: str, need_features: bool = False
+):
+    """(mu, sigma, features or None) for an image folder or a saved .npz statistics file; a
+    statistics file gives its saved features where ``need_features``."""
     from .metrics import gaussian_stats
-    from .metrics.features import extract_features, load_image_folder, load_stats
+    from .metrics.features import extract_features, load_image_folder, load_stats, load_stats_features
 
     path = Path(source)
     if path.suffix == ".npz":
         if not path.is_file():
             raise UsageError(f"statistics file {path} does not exist")
-        return (*load_stats(path, key), None)
+        return (*load_stats(path, key), load_stats_features(path, key) if need_features else None)
     features = extract_features(load_image_folder(path, channels=channels, size=size), extractor)
     return (*gaussian_stats(features), features)
 
@@ -334,15 +337,37 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.eval_command == "stats":
         from .metrics.features import save_stats
 
-        mu, sigma, _ = _stats_or_features(args.folder, extractor, channels, size, key)
-        print(f"wrote {save_stats(args.out, mu, sigma, key).resolve()} ({len(mu)}-d {key})")
+        mu, sigma, features = _stats_or_features(args.folder, extractor, channels, size, key)
+        kept = features if args.with_features else None
+        written = save_stats(args.out, mu, sigma, key, features=None if kept is None else kept.numpy())
+        print(
+            f"wrote {written.resolve()} ({len(mu)}-d {key}{', with features' if args.with_features else ''})"
+        )
         return 0
 
-    from .metrics import frechet_distance, frechet_distance_infinity, kernel_distance
+    from .metrics import (
+        density_coverage,
+        frechet_distance,
+        frechet_distance_infinity,
+        kernel_distance,
+        precision_recall,
+    )
 
-    mu_a, sigma_a, features_a = _stats_or_features(args.a, extractor, channels, size, key)
-    mu_b, sigma_b, features_b = _stats_or_features(args.b, extractor, channels, size, key)
+    knn = args.pr or args.density
+    mu_a, sigma_a, features_a = _stats_or_features(args.a, extractor, channels, size, key, knn)
+    mu_b, sigma_b, features_b = _stats_or_features(args.b, extractor, channels, size, key, knn)
     print(f"FD ({args.features} features): {frechet_distance(mu_a, sigma_a, mu_b, sigma_b):.4f}")
+    if knn and len(features_a) != len(features_b):
+        print(
+            f"note: {len(features_a)} generated vs {len(features_b)} reference samples; k-NN radii shrink as a "
+            "set grows, so compare these metrics at equal sizes"
+        )
+    if args.pr:
+        precision, recall = precision_recall(features_b, features_a, k=3)
+        print(f"precision (k=3): {precision:.4f}  recall (k=3): {recall:.4f}")
+    if args.density:
+        density, coverage = density_coverage(features_b, features_a, k=5)
+        print(f"density (k=5): {density:.4f}  coverage (k=5): {coverage:.4f}")
     if args.kid:
         if features_a is None or features_b is None:
             raise UsageError("--kid needs image folders on both sides, not statistics files")
@@ -613,9 +638,18 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--inception-weights", default=None, help=inception_help)
     fid.add_argument("--kid", action="store_true", help="also report KID (needs two folders)")
     fid.add_argument("--fd-inf", action="store_true", help="also report FD extrapolated to N = infinity")
+    fid.add_argument(
+        "--pr", action="store_true",
+        help="also report improved precision and recall (k=3); B is the real side (a folder, or statistics "
+        "saved --with-features)",
+    )  # fmt: skip
+    fid.add_argument("--density", action="store_true", help="also report density and coverage (k=5)")
     stats = eval_sub.add_parser("stats", help="cache the feature statistics of an image folder")
     stats.add_argument("folder")
     stats.add_argument("--out", required=True, help="the .npz file to write")
+    stats.add_argument(
+        "--with-features", action="store_true", help="keep the features too (for eval fid --pr / --density)"
+    )
     stats.add_argument("--features", default="judge", help=features_help)
     stats.add_argument("--inception-weights", default=None, help=inception_help)
     istd = eval_sub.add_parser("istd", help="interpolation smoothness (Smooth Diffusion's ISTD)")

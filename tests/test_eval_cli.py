@@ -84,3 +84,41 @@ def test_mixed_sizes_and_modes_follow_one_rule_and_bad_files_are_named(tmp_path,
     assert main(["eval", "stats", str(folder), "--out", str(tmp_path / "s.npz")]) == 2
     err = capsys.readouterr().err
     assert "cannot read image" in err and "c.png" in err
+
+
+def _metric(output, name):
+    return float(re.search(rf"{name} \(k=\d\): ([0-9.]+)", output).group(1))
+
+
+def test_pr_and_density_on_folders_and_on_statistics_with_features(digit_folders, tmp_path, capsys):
+    test_folder, train_folder = digit_folders
+    assert main(["eval", "fid", str(test_folder), str(test_folder), "--pr", "--density"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        _metric(out, "precision") == 1.0 and _metric(out, "recall") == 1.0 and _metric(out, "coverage") == 1.0
+    )
+    assert main(["eval", "fid", str(train_folder), str(test_folder), "--pr", "--density"]) == 0
+    from_folders = capsys.readouterr().out
+    real, generated = load_image_folder(test_folder), load_image_folder(train_folder)
+    judge = dg.load_judge()
+    expected = dg.metrics.precision_recall(
+        dg.metrics.features.extract_features(real, judge),
+        dg.metrics.features.extract_features(generated, judge),
+    )
+    assert (_metric(from_folders, "precision"), _metric(from_folders, "recall")) == pytest.approx(
+        expected, abs=1e-4
+    )
+
+    stats = tmp_path / "ref.npz"
+    assert main(["eval", "stats", str(test_folder), "--out", str(stats), "--with-features"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "fid", str(train_folder), str(stats), "--pr", "--density"]) == 0
+    from_stats = capsys.readouterr().out
+    for name in ("precision", "recall", "density", "coverage"):
+        assert _metric(from_stats, name) == pytest.approx(_metric(from_folders, name), abs=2e-4)
+
+    bare = tmp_path / "bare.npz"
+    assert main(["eval", "stats", str(test_folder), "--out", str(bare)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "fid", str(train_folder), str(bare), "--pr"]) == 2
+    assert "--with-features" in capsys.readouterr().err

@@ -72,12 +72,28 @@ def extract_features(images: torch.Tensor, extractor: torch.nn.Module, batch_siz
     return torch.cat(chunks).double()
 
 
-def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, key: str) -> Path:
-    """Write reference statistics with the ``key`` naming extractor and data."""
+def save_stats(
+    path: str | Path, mu: np.ndarray, sigma: np.ndarray, key: str, features: np.ndarray | None = None
+) -> Path:
+    """Write reference statistics with the ``key`` naming extractor and data; ``features``
+    (N, D) are kept too when given, for the k-NN metrics (precision/recall, density/coverage)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=mu, sigma=sigma, key=np.array(key))
+    extra = {} if features is None else {"features": np.asarray(features, dtype=np.float32)}
+    np.savez(path, mu=mu, sigma=sigma, key=np.array(key), **extra)
     return path
+
+
+def load_stats_features(path: str | Path, key: str | None = None) -> np.ndarray:
+    """The features saved with statistics (``diffguide eval stats --with-features``)."""
+    load_stats(path, key)
+    with np.load(Path(path), allow_pickle=False) as data:
+        if "features" not in data:
+            raise ValueError(
+                f"{path} holds statistics without features; the k-NN metrics need them: "
+                "rewrite it with `diffguide eval stats FOLDER --out FILE --with-features`"
+            )
+        return data["features"].astype(np.float64)
 
 
 def load_stats(path: str | Path, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
