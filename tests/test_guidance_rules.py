@@ -203,3 +203,56 @@ def test_interval_guides_only_noise_levels_inside_it():
     torch.testing.assert_close(guided[1:], cfg_combine(cond[1:], uncond[1:], 4.0))
     with pytest.raises(ValueError, match="sigma_lo < sigma_hi"):
         dg.GuidanceInterval(sigma_lo=2.0, sigma_hi=1.0)
+
+
+def _run_rule(rule, steps, cond_uncond):
+    """Drive a rule over steps as an adapter would; the masked-out uncond rows are cond copies."""
+    rule.reset()
+    outputs, masks = [], []
+    for step, (cond, uncond) in zip(steps, cond_uncond, strict=True):
+        mask = rule.uncond_mask(len(cond), step)
+        masks.append(mask.clone())
+        outputs.append(rule.combine(cond, torch.where(mask[:, None, None, None], uncond, cond), mask, step))
+    return outputs, masks
+
+
+def _descending_steps(num_steps: int = 6, batch: int = 3):
+    levels = torch.linspace(3.0, 0.2, num_steps, dtype=torch.float64)  # sigma / alpha per step
+    alphas = 1 / (1 + levels**2).sqrt()
+    return [
+        GuidanceStep(i, num_steps, 999.0 - i, 4.0, alphas[i].expand(batch), (alphas[i] * levels[i]).expand(batch))
+        for i in range(num_steps)
+    ]
+
+
+def test_ag_inside_an_interval_guides_inside_only_and_switches_there():
+    steps = _descending_steps()  # levels 3.0, 2.44, 1.88, 1.32, 0.76, 0.2
+    cond_uncond = [_predictions(seed=10 + i) for i in range(len(steps))]
+    cond_uncond[3] = (cond_uncond[3][0], cond_uncond[3][0] * 1.0001)  # cos ~ 1 at step 3: AG switches
+    outputs, masks = _run_rule(dg.GuidanceInterval(1.0, 2.5, rule=dg.AdaptiveGuidance(0.99)), steps, cond_uncond)
+    assert [bool(m.any()) for m in masks] == [False, True, True, True, False, False]
+    for index, (cond, uncond) in enumerate(cond_uncond):
+        expected = cfg_combine(cond, uncond, 4.0) if index in (1, 2, 3) else cond
+        torch.testing.assert_close(outputs[index], expected)
+    # against the interval's own CFG: the same where AG has not switched
+    plain, _ = _run_rule(dg.GuidanceInterval(1.0, 2.5), steps, cond_uncond)
+    torch.testing.assert_close(outputs[:4], plain[:4])
+
+
+def test_an_interval_over_everything_around_ag_is_ag():
+    steps = _descending_steps()
+    cond_uncond = [_predictions(seed=20 + i) for i in range(len(steps))]
+    cond_uncond[2] = (cond_uncond[2][0], cond_uncond[2][0] * 1.0001)
+    wrapped, wrapped_masks = _run_rule(
+        dg.GuidanceInterval(0.0, float("inf"), rule=dg.AdaptiveGuidance(0.99)), steps, cond_uncond
+    )
+    alone, alone_masks = _run_rule(dg.AdaptiveGuidance(0.99), steps, cond_uncond)
+    assert [m.tolist() for m in wrapped_masks] == [m.tolist() for m in alone_masks]
+    assert not alone_masks[3].any()  # the switch fired, so the identity tests the switch too
+    for a, b in zip(wrapped, alone, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_an_interval_refuses_linear_ag_inside():
+    with pytest.raises(ValueError, match="miss the steps outside"):
+        dg.GuidanceInterval(1.0, 2.0, rule=dg.LinearAG(torch.zeros(10, 4)))

@@ -133,6 +133,9 @@ class LinearAG(GuidanceRule):
         self.guidance_scale = guidance_scale
         self._history: list[tuple[torch.Tensor, torch.Tensor]] = []
 
+    #: its estimates regress on the previous steps' predictions, so it must see every step
+    needs_every_step = True
+
     def with_schedule(self, schedule: Sequence[str]) -> LinearAG:
         """The same coefficients under another schedule."""
         return LinearAG(self.coefficients, self.regressors, schedule, self.space, self.guidance_scale)
