@@ -220,7 +220,9 @@ def _descending_steps(num_steps: int = 6, batch: int = 3):
     levels = torch.linspace(3.0, 0.2, num_steps, dtype=torch.float64)  # sigma / alpha per step
     alphas = 1 / (1 + levels**2).sqrt()
     return [
-        GuidanceStep(i, num_steps, 999.0 - i, 4.0, alphas[i].expand(batch), (alphas[i] * levels[i]).expand(batch))
+        GuidanceStep(
+            i, num_steps, 999.0 - i, 4.0, alphas[i].expand(batch), (alphas[i] * levels[i]).expand(batch)
+        )
         for i in range(num_steps)
     ]
 
@@ -229,7 +231,9 @@ def test_ag_inside_an_interval_guides_inside_only_and_switches_there():
     steps = _descending_steps()  # levels 3.0, 2.44, 1.88, 1.32, 0.76, 0.2
     cond_uncond = [_predictions(seed=10 + i) for i in range(len(steps))]
     cond_uncond[3] = (cond_uncond[3][0], cond_uncond[3][0] * 1.0001)  # cos ~ 1 at step 3: AG switches
-    outputs, masks = _run_rule(dg.GuidanceInterval(1.0, 2.5, rule=dg.AdaptiveGuidance(0.99)), steps, cond_uncond)
+    outputs, masks = _run_rule(
+        dg.GuidanceInterval(1.0, 2.5, rule=dg.AdaptiveGuidance(0.99)), steps, cond_uncond
+    )
     assert [bool(m.any()) for m in masks] == [False, True, True, True, False, False]
     for index, (cond, uncond) in enumerate(cond_uncond):
         expected = cfg_combine(cond, uncond, 4.0) if index in (1, 2, 3) else cond
