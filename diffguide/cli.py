@@ -214,16 +214,35 @@ def _run_methods(args: argparse.Namespace, methods: list[str]) -> int:
         f"{scale_argument(pipe)}={args.scale:g}"
     )
     baseline = next((r for r in results if r.name == "cfg"), results[0])
+    from .compare import benchmark_point
+    from .metrics import per_sample_distance
+
+    model = {"default": "digits"}.get(args.pipeline, args.pipeline) if args.pipeline in JUDGE_DIRS else None
     print(
-        f"{'method':<10} {'NFE/image':>9} {'time (s)':>9} {'time/' + baseline.name:>9} {'judge acc.':>10}  rule"
+        f"{'method':<10} {'NFE/image':>9} {'time (s)':>9} {'time/' + baseline.name:>9} {'judge acc.':>10} "
+        f"{'L2 to ' + baseline.name:>9} {'P / R (benchmark)':>18}  rule"
     )
+    footnote = None
     for r in results:
         accuracy = f"{r.judge_accuracy:.0%}" if r.judge_accuracy is not None else "-"
         preset = f" (preset {presets[r.name]})" if presets[r.name] else ""
+        distance = per_sample_distance(r.images, baseline.images).mean().item()
+        point = benchmark_point(model, r.rule, args.steps, args.scale) if model else None
+        measured = f"{point['precision']:.2f} / {point['recall']:.2f}" if point else "-"
+        footnote = footnote or point
         print(
             f"{r.name:<10} {r.nfe_per_image:>9.1f} {r.seconds:>9.2f} "
-            f"{r.seconds / baseline.seconds:>9.2f} {accuracy:>10}  {r.rule!r}{preset}"
+            f"{r.seconds / baseline.seconds:>9.2f} {accuracy:>10} {distance:>9.2f} {measured:>18}  {r.rule!r}{preset}"
         )
+    print(
+        f"L2 to {baseline.name}: mean per-sample pixel distance (0-1) to the {baseline.name} row on the same seeds."
+        + (
+            f" P / R: improved precision and recall (k=3) of this rule and setting in the benchmark, "
+            f"{footnote['samples']} samples (docs/BENCHMARKS.md, frontier_{model}); too few samples here to measure."
+            if footnote
+            else ""
+        )
+    )
     return 0
 
 

@@ -26,6 +26,10 @@ from .generation import generate_samples
 from .guidance import GuidanceRule, LinearAG, method
 from .hooks import guided, stats
 
+#: precision and recall of benchmark points (written by evals/frontier.py): the few samples a
+#: comparison shows are too few for k-NN metrics, so those come from the benchmark, labelled so
+FRONTIER_POINTS = Path(__file__).resolve().parent / "frontier_points.json"
+
 #: LinearAG coefficients shipped with the default model, keyed by (guidance scale, steps)
 SHIPPED_LINEAR_AG = {(3.0, 20): "linear_ag_w3_20steps.safetensors"}
 CALIBRATION_SEED = 100_000
@@ -148,6 +152,20 @@ class MethodResult:
     nfe_per_image: float
     seconds: float
     judge_accuracy: float | None = None
+
+
+def benchmark_point(
+    model: str, rule: GuidanceRule, num_inference_steps: int, guidance_scale: float
+) -> dict | None:
+    """The benchmark's measures (``samples``, ``precision``, ``recall`` and their standard
+    errors) of exactly this rule and setting on an embedded model, or None if not benchmarked."""
+    if not FRONTIER_POINTS.is_file():
+        return None
+    wanted = (model, repr(rule), int(num_inference_steps), float(guidance_scale))
+    for point in json.loads(FRONTIER_POINTS.read_text()):
+        if (point["model"], point["rule"], point["steps"], point["scale"]) == wanted:
+            return point
+    return None
 
 
 def prompt_call(

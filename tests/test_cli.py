@@ -77,10 +77,13 @@ def test_compare_runs_each_method_on_the_same_seeds(tmp_path, capsys):
     ]
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
-    table = {line.split()[0]: line.split() for line in lines[2:]}
+    table = {line.split()[0]: line.split() for line in lines[2:-1]}
     assert "norm_threshold=2.0" in " ".join(table["apg"]) and "(preset digits)" in lines[3]
     assert set(table) == {"cfg", "apg", "ag", "linear-ag"}
     assert float(table["cfg"][1]) == 8.0 and float(table["apg"][1]) == 8.0
+    # distance to the cfg row on the same seeds; no benchmark point at 4 steps, so no P / R
+    assert float(table["cfg"][5]) == 0.0 and float(table["apg"][5]) > 0 and table["ag"][6] == "-"
+    assert lines[-1].startswith("L2 to cfg:")
     assert float(table["linear-ag"][1]) == 2 + 1 + 1 + 1  # paper schedule at 4 steps
     assert PIL.Image.open(out).size == (
         8 + 6 * len("linear-ag 1") + 56 + 2,
