@@ -5,7 +5,8 @@ the reason and the fix where diffguide cannot serve it, and otherwise registers 
 its kind as a diffusers ``ModelHook`` on each denoiser (``unet`` or ``transformer``; Wan 2.2's
 ``transformer_2`` too, sharing one rule state): ``adapters/batched.py`` for ``[uncond, cond]``
 batches, ``adapters/two_call.py`` for a call per branch. Both run on one
-:class:`~diffguide.adapters.core.GuidanceSession`.
+:class:`~diffguide.adapters.core.GuidanceSession`. A diffusers cache on a denoiser that cannot
+run under the rule (``adapters/caches.py``) is refused there and at the start of every call.
 
 So that scales kept in a local of ``__call__`` (Flux's ``true_cfg_scale``, PixArt's and DiT's
 ``guidance_scale``) can be read and the rule reset at the start of every call, ``apply`` also
@@ -26,6 +27,7 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from .adapters.batched import BatchedGuidanceHook
+from .adapters.caches import check_caches
 from .adapters.core import GuidanceSession, nfe_stats
 from .adapters.support import support_for
 from .adapters.two_call import TwoCallGuidanceHook
@@ -84,6 +86,7 @@ def run_call(pipe, call: Callable, args: tuple, kwargs: dict):
     session = _session(pipe)
     if session is None:
         return call(*args, **kwargs)
+    check_caches(session.rule, _denoisers(pipe, session.components))  # a cache enabled after apply
     session.begin_call(_call_arguments(call, args, kwargs))
     try:
         output = call(*args, **kwargs)
@@ -136,18 +139,20 @@ def apply(pipe, rule: GuidanceRule):
     """Attach ``rule`` to ``pipe`` (replacing any rule attached before); returns ``pipe``.
 
     Raises ``TypeError`` with the reason and the fix for a pipeline diffguide cannot serve
-    (see ``diffguide.adapters.support.PIPELINES``)."""
+    (see ``diffguide.adapters.support.PIPELINES``), ``ValueError`` for a diffusers cache on its
+    denoiser that cannot run under ``rule`` (see ``diffguide.adapters.caches``)."""
     if not isinstance(rule, GuidanceRule):
         raise TypeError(
             f"expected a diffguide guidance rule (CFG, APG, AdaptiveGuidance, LinearAG, GuidanceInterval), "
             f"got {rule!r}"
         )
     class_name, support = support_for(pipe)
-    remove(pipe)
     components = [name for name in support.scale if name != "*"] or None
+    denoisers = _denoisers(pipe, components)
+    check_caches(rule, denoisers)
+    remove(pipe)
     session = GuidanceSession(pipe, rule, support, class_name)
     adapter = ADAPTERS[support.kind]
-    denoisers = _denoisers(pipe, components)
     session.components = list(denoisers)
     for name, denoiser in denoisers.items():
         registry = HookRegistry.check_if_exists_or_initialize(denoiser)

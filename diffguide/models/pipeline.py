@@ -31,6 +31,8 @@ from diffusers import (
     UNet2DModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.hooks import HookRegistry
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -189,12 +191,23 @@ class ClassConditionalPipeline(DiffusionPipeline):
         step_kwargs = self._step_kwargs(generator, eta)
         self._num_timesteps = len(timesteps)
 
+        # diffusers' caches (apply_first_block_cache, ...) keep state across the steps of a call, keyed
+        # by a cache context where they read one (LTX, Mochi and CogVideoX name it "cond_uncond" for their
+        # batched CFG). UNet2DModel and DiT have no CacheMixin: the context is set through the mixin's
+        # method, and the state reset here (maybe_free_model_hooks resets CacheMixin models only). Block
+        # hooks added since the last call are found afresh (only enable_cache refreshes that list).
+        context = "cond_uncond" if do_cfg else "cond"
+        hooks = HookRegistry.check_if_exists_or_initialize(self.denoiser)
+        hooks.invalidate_child_registries_cache()
+        hooks.reset_stateful_hooks()
+
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
                 if hasattr(self.scheduler, "scale_model_input"):  # flow schedulers have none
                     model_input = self.scheduler.scale_model_input(model_input, t)
-                noise_pred = self.predict(model_input, t, model_labels)
+                with CacheMixin.cache_context(self.denoiser, context):
+                    noise_pred = self.predict(model_input, t, model_labels)
                 if do_cfg:
                     noise_uncond, noise_cond = noise_pred.chunk(2)
                     noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
