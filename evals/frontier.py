@@ -125,6 +125,15 @@ def points_for(model: str, quick: bool = False) -> list[Point]:
             Point("FasterCache", f"uncond every {n}", steps, w, lambda n=n, **_: FasterCacheUncondSkip(n))
             for n in (2, 5) for steps in rule_steps
         ]  # fmt: skip
+    if model in PEER_MODELS and not quick:
+        apg = dg.APG(eta=0.0, norm_threshold=2.0, momentum=-0.5)
+        points += [
+            Point("CFG+FirstBlockCache", f"threshold {t}", steps, w, lambda t=t, **_: FirstBlockCacheWith(t, dg.CFG()))
+            for t in (0.2, 0.3, 0.5) for steps in (10, 20)
+        ] + [
+            Point("APG+FirstBlockCache", "r=2 beta=-0.5, threshold 0.3", 20, w,
+                  lambda **_: FirstBlockCacheWith(0.3, apg)),
+        ]  # fmt: skip
     if not quick:
         points += [
             Point("AG", "0.991 model-output", 20, w, lambda **_: dg.AdaptiveGuidance(0.991, space="model_output")),
@@ -196,6 +205,48 @@ class FasterCacheUncondSkip:
             registry.remove_hook("faster_cache_denoiser", recurse=True)
 
 
+class FirstBlockCacheWith:
+    """A composition: a diffguide rule (CFG or APG, the rules that compose with caches) under
+    diffusers' FirstBlockCache (``FirstBlockCacheConfig(threshold)``), which runs the first
+    transformer block and skips the others, reusing the last call's residual, while the first
+    block's output changes little. A skipped block is no network evaluation saved, so the cost is
+    counted as block-equivalent NFE: NFE x (blocks run / blocks called). The decision is per call,
+    over the whole batch, so results depend on the batch (all points here use batches of 100)."""
+
+    def __init__(self, threshold: float, rule: dg.GuidanceRule):
+        self.threshold, self.rule = threshold, rule
+
+    def __repr__(self) -> str:
+        return f"FirstBlockCacheConfig(threshold={self.threshold}) + {self.rule!r}"
+
+    @contextmanager
+    def attached(self, pipe, counts: dict):
+        from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+
+        denoiser = pipe.denoiser
+        apply_first_block_cache(denoiser, FirstBlockCacheConfig(threshold=self.threshold))
+        counts.update(run=0, calls=0)
+
+        def block_ran(module, args, kwargs):  # norm1 runs only inside a block that is not skipped
+            counts["run"] += 1
+
+        def denoiser_called(module, args, kwargs):
+            counts["calls"] += 1
+
+        blocks = denoiser.transformer_blocks
+        handles = [block.norm1.register_forward_pre_hook(block_ran, with_kwargs=True) for block in blocks]
+        handles.append(denoiser.register_forward_pre_hook(denoiser_called, with_kwargs=True))
+        try:
+            yield
+        finally:
+            counts["block_fraction"] = counts["run"] / max(1, counts["calls"] * len(blocks))
+            for handle in handles:
+                handle.remove()
+            registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+            for name in ("fbc_leader_block_hook", "fbc_block_hook"):
+                registry.remove_hook(name, recurse=True)
+
+
 def sample_point(pipe, judge, point: Point, labels: torch.Tensor, seed: int, batch_size: int) -> dict:
     """Images, judge features and NFE of one point, all samples on seeds seed + i."""
     final_latents: list[torch.Tensor] = []
@@ -208,14 +259,18 @@ def sample_point(pipe, judge, point: Point, labels: torch.Tensor, seed: int, bat
     rule = point.make(pipe=pipe, steps=point.steps)
     nfe: list[int] = []
     peer = isinstance(rule, FasterCacheUncondSkip)
+    cached = isinstance(rule, FirstBlockCacheWith)
+    counts: dict = {}
     started = time.perf_counter()
-    with rule.attached(pipe, nfe) if peer else nullcontext():
+    with rule.attached(pipe, nfe) if peer else (rule.attached(pipe, counts) if cached else nullcontext()):
         images = generate_samples(
-            pipe, labels, seed=seed, batch_size=batch_size, guidance=None if peer else rule,
+            pipe, labels, seed=seed, batch_size=batch_size, guidance=None if peer else getattr(rule, "rule", rule),
             nfe_per_sample=None if peer else nfe, guidance_scale=point.scale, num_inference_steps=point.steps,
             callback_on_step_end=keep_last,
         )  # fmt: skip
     seconds = time.perf_counter() - started
+    if cached:  # block-equivalent NFE
+        nfe = [n * counts["block_fraction"] for n in nfe]
     features = extract_features(images, judge).float()
     return {
         "images": images.half().numpy(),
