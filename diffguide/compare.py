@@ -62,10 +62,14 @@ def scale_argument(pipe) -> str:
 
 
 def calibrate_on_labels(
-    pipe, guidance_scale: float, num_inference_steps: int, trajectories: int = 200
+    pipe,
+    guidance_scale: float,
+    num_inference_steps: int,
+    trajectories: int = 200,
+    space: str = "model_output",
 ) -> LinearAG:
     """LinearAG fitted on ``trajectories`` CFG runs of a class-conditional pipeline (classes
-    cycled, seeds from ``CALIBRATION_SEED`` so they never overlap evaluation seeds)."""
+    cycled, seeds from ``CALIBRATION_SEED`` so they never overlap evaluation seeds), in ``space``."""
     labels = [i % pipe.num_classes for i in range(trajectories)]
     calls = [
         {
@@ -77,7 +81,7 @@ def calibrate_on_labels(
         }
         for start in range(0, trajectories, 100)
     ]  # fmt: skip
-    return calibrate_linear_ag(pipe, calls)
+    return calibrate_linear_ag(pipe, calls, space=space)
 
 
 def resolve_preset(name: str, pipe, preset: str | None = "auto") -> str | None:

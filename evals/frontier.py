@@ -85,11 +85,13 @@ class Point:
         return f"{self.family} {self.knob}".strip()
 
 
-def linear_ag(model: str, pipe, scale: float, steps: int, real_every: int = 2) -> LinearAG:
-    """LinearAG calibrated on 200 CFG trajectories at (scale, steps); cached in evals/results."""
-    prefix = "" if model == "digits" else f"{model}_"
+def linear_ag(
+    model: str, pipe, scale: float, steps: int, real_every: int = 2, space: str = "model_output"
+) -> LinearAG:
+    """LinearAG calibrated on 200 CFG trajectories at (scale, steps) in ``space``; cached in evals/results."""
+    prefix = ("" if model == "digits" else f"{model}_") + ("" if space == "model_output" else "x0_")
     path = RESULTS / f"{prefix}linear_ag_w{scale:g}_{steps}steps.safetensors"
-    rule = LinearAG.load(path) if path.exists() else calibrate_on_labels(pipe, scale, steps, 200)
+    rule = LinearAG.load(path) if path.exists() else calibrate_on_labels(pipe, scale, steps, 200, space)
     if not path.exists():
         rule.save(path)
     return rule.with_schedule(paper_schedule(steps, real_every=real_every))
@@ -119,6 +121,9 @@ def points_for(model: str, quick: bool = False) -> list[Point]:
                   lambda **_: dg.GuidanceInterval(1.0, INF, rule=dg.AdaptiveGuidance(0.991))),
             Point("AG+interval", "0.991 in (0.28,5.42]", steps, w,
                   lambda **_: dg.GuidanceInterval(0.28, 5.42, rule=dg.AdaptiveGuidance(0.991))),
+            # AG's switch on LinearAG's real steps, both in x0 space
+            Point("AG+LinearAG", "0.991, paper schedule (x0)", steps, w,
+                  lambda pipe, steps, **_: linear_ag(model, pipe, w, steps, space="denoised").with_switch(0.991)),
         ]  # fmt: skip
     if model in PEER_MODELS:
         points += [

@@ -260,3 +260,43 @@ def test_an_interval_over_everything_around_ag_is_ag():
 def test_an_interval_refuses_linear_ag_inside():
     with pytest.raises(ValueError, match="miss the steps outside"):
         dg.GuidanceInterval(1.0, 2.0, rule=dg.LinearAG(torch.zeros(10, 4)))
+
+
+def _linear_ag(switch_threshold=None):
+    coefficients = torch.randn(6, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 0.3
+    schedule = ["cfg", "estimate", "cfg", "estimate", "cond", "cond"]
+    return dg.LinearAG(coefficients, schedule=schedule, switch_threshold=switch_threshold)
+
+
+def test_linear_ag_with_a_switch_that_never_fires_is_linear_ag():
+    steps = _descending_steps()
+    cond_uncond = [_predictions(seed=30 + i) for i in range(len(steps))]
+    plain, plain_masks = _run_rule(_linear_ag(), steps, cond_uncond)
+    never, never_masks = _run_rule(_linear_ag(switch_threshold=1.5), steps, cond_uncond)
+    assert [m.tolist() for m in plain_masks] == [m.tolist() for m in never_masks]
+    for a, b in zip(plain, never, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_linear_ag_switch_gives_the_conditional_prediction_after_a_real_step_reaches_the_threshold():
+    steps = _descending_steps()
+    cond_uncond = [_predictions(seed=40 + i) for i in range(len(steps))]
+    cond0, uncond0 = cond_uncond[0]
+    uncond0 = uncond0.clone()
+    uncond0[1] = cond0[1] * 1.0001  # sample 1 converged at step 0 (cos ~ 1); the others not
+    cond_uncond[0] = (cond0, uncond0)
+    outputs, masks = _run_rule(_linear_ag(switch_threshold=0.99), steps, cond_uncond)
+    assert masks[0].tolist() == [True, True, True] and masks[2].tolist() == [True, False, True]
+    for index in range(1, len(steps)):
+        torch.testing.assert_close(outputs[index][1], cond_uncond[index][0][1])
+    # the samples still guided follow LinearAG alone, sample by sample
+    for sample in (0, 2):
+        alone, _ = _run_rule(
+            _linear_ag(), steps, [(c[sample : sample + 1], u[sample : sample + 1]) for c, u in cond_uncond]
+        )
+        for index in range(len(steps)):
+            torch.testing.assert_close(outputs[index][sample : sample + 1], alone[index])
+    assert (
+        "switch_threshold=0.99" in repr(_linear_ag(0.99))
+        and _linear_ag().with_switch(0.99).switch_threshold == 0.99
+    )

@@ -15,6 +15,12 @@ conditional prediction used alone (``"cond"``). The paper's schedule at 20 steps
 real and estimated steps in the first half and is conditional-only in the second: 25 network
 evaluations instead of 40. The regressor set of the paper is not stated precisely; ours is
 configurable, and ``u_{t-1}`` is the previous step's real or estimated value.
+
+Our addition, combining the paper's two methods: with ``switch_threshold`` set, AG's switch runs
+on the real steps. Where ``cos(c_t, u_t) >= switch_threshold`` for a sample, it takes the
+conditional prediction alone from then on (no more real or estimated unconditional terms for
+it). The cosine is measured in the rule's space; calibrate with ``space="denoised"`` to measure
+it on x0 as AG does by default (in epsilon space it is near 1 at high noise and fires at once).
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .base import GuidanceRule, GuidanceStep, cfg_combine, check_space
+from .adaptive import cosine_similarity
+from .base import GuidanceRule, GuidanceStep, cfg_combine, check_space, per_sample
 
 REGRESSORS = ("cond", "prev_cond", "prev_uncond", "prev2_cond", "prev2_uncond", "bias")
 DEFAULT_REGRESSORS = ("cond", "prev_uncond", "prev_cond", "bias")
@@ -104,6 +111,7 @@ class LinearAG(GuidanceRule):
         regressors: names of the K regressors (see ``REGRESSORS``).
         schedule: per step ``"cfg"``, ``"estimate"`` or ``"cond"``; default :func:`paper_schedule`.
         space: space of the predictions regressed and combined (``"model_output"`` default).
+        switch_threshold: AG's switch on the real steps (see the module docstring); None: off.
     """
 
     def __init__(
@@ -113,6 +121,7 @@ class LinearAG(GuidanceRule):
         schedule: Sequence[str] | None = None,
         space: str = "model_output",
         guidance_scale: float | None = None,
+        switch_threshold: float | None = None,
     ):
         unknown = set(regressors) - set(REGRESSORS)
         if unknown:
@@ -131,14 +140,30 @@ class LinearAG(GuidanceRule):
         self.space = check_space(space)
         #: the guidance scale of the calibration trajectories (estimates are fitted for it)
         self.guidance_scale = guidance_scale
+        self.switch_threshold = switch_threshold
         self._history: list[tuple[torch.Tensor, torch.Tensor]] = []
+        #: per sample, whether AG's switch has fired (only with ``switch_threshold``)
+        self.converged: torch.Tensor | None = None
 
     #: its estimates regress on the previous steps' predictions, so it must see every step
     needs_every_step = True
 
     def with_schedule(self, schedule: Sequence[str]) -> LinearAG:
         """The same coefficients under another schedule."""
-        return LinearAG(self.coefficients, self.regressors, schedule, self.space, self.guidance_scale)
+        return LinearAG(
+            self.coefficients,
+            self.regressors,
+            schedule,
+            self.space,
+            self.guidance_scale,
+            self.switch_threshold,
+        )
+
+    def with_switch(self, threshold: float | None) -> LinearAG:
+        """The same coefficients and schedule with AG's switch at ``threshold`` (None: off)."""
+        return LinearAG(
+            self.coefficients, self.regressors, self.schedule, self.space, self.guidance_scale, threshold
+        )
 
     @property
     def nfe(self) -> int:
@@ -147,6 +172,12 @@ class LinearAG(GuidanceRule):
 
     def reset(self) -> None:
         self._history = []
+        self.converged = None
+
+    def _switched(self, batch_size: int) -> torch.Tensor:
+        if self.converged is None or len(self.converged) != batch_size:
+            self.converged = torch.zeros(batch_size, dtype=torch.bool)
+        return self.converged
 
     def _kind(self, step: GuidanceStep) -> str:
         if step.num_steps is not None and step.num_steps != self.num_steps:
@@ -162,7 +193,8 @@ class LinearAG(GuidanceRule):
         return self.schedule[min(step.step_index, self.num_steps - 1)]
 
     def uncond_mask(self, batch_size: int, step: GuidanceStep) -> torch.Tensor:
-        return torch.full((batch_size,), self._kind(step) == "cfg", dtype=torch.bool)
+        real = torch.full((batch_size,), self._kind(step) == "cfg", dtype=torch.bool)
+        return real & ~self._switched(batch_size) if self.switch_threshold is not None else real
 
     def estimate(self, cond: torch.Tensor, step_index: int) -> torch.Tensor:
         """``u_hat`` at ``step_index`` from ``cond`` and the recorded history."""
@@ -178,7 +210,15 @@ class LinearAG(GuidanceRule):
             uncond = self.estimate(cond, step.step_index)
         elif kind == "cond":
             uncond = cond  # no guidance: u = c makes CFG return c
+        if self.switch_threshold is None:
+            self._history = [*self._history[-1:], (cond, uncond)]
+            return cfg_combine(cond, uncond, step.guidance_scale) if kind != "cond" else cond
+        switched = per_sample(self._switched(len(cond)).to(cond.device), cond).bool()
+        uncond = torch.where(switched, cond, uncond)  # switched samples: u = c, as on "cond" steps
         self._history = [*self._history[-1:], (cond, uncond)]
+        if kind == "cfg":  # AG's test, on the samples that had a real unconditional pass
+            gamma = cosine_similarity(cond, uncond).cpu()
+            self.converged = self.converged | (uncond_mask.cpu() & (gamma >= self.switch_threshold))
         return cfg_combine(cond, uncond, step.guidance_scale) if kind != "cond" else cond
 
     # -- files ------------------------------------------------------------------------------
@@ -235,5 +275,7 @@ class LinearAG(GuidanceRule):
         digest = hashlib.sha1(self.coefficients.contiguous().numpy().tobytes()).hexdigest()[:8]
         return (
             f"LinearAG(steps={self.num_steps}, regressors={self.regressors}, nfe={self.nfe}, space={self.space!r}, "
-            f"coefficients=sha1:{digest})"
+            f"coefficients=sha1:{digest}"
+            + (f", switch_threshold={self.switch_threshold}" if self.switch_threshold is not None else "")
+            + ")"
         )
