@@ -109,6 +109,27 @@ def test_guidance_identities_on_the_flow_transformer(tiny_fashion):
     assert torch.equal(_run(tiny_fashion), plain)  # removed: exactly the pipeline again
 
 
+def test_combinations_reduce_to_their_parts_through_the_hook(tiny_fashion):
+    """AG inside an interval over every noise level is AG; LinearAG with a switch that never fires
+    is LinearAG (images and NFE), on the flow transformer through the batched hook."""
+    ag = dg.AdaptiveGuidance(threshold=0.5)  # low enough to switch on a random-weight model
+    with dg.guided(tiny_fashion, ag):
+        alone, alone_nfe = _run(tiny_fashion), dg.stats(tiny_fashion)["nfe_per_sample"]
+    assert alone_nfe != [8, 8, 8]  # the switch fires, so the identity covers it
+    with dg.guided(tiny_fashion, dg.GuidanceInterval(0.0, math.inf, rule=dg.AdaptiveGuidance(threshold=0.5))):
+        assert torch.equal(_run(tiny_fashion), alone)
+        assert dg.stats(tiny_fashion)["nfe_per_sample"] == alone_nfe
+    linear = dg.calibrate_linear_ag(tiny_fashion, {"class_labels": [0, 1, 2, 3], **CALL}, space="denoised")
+    with dg.guided(tiny_fashion, linear):
+        plain_linear = _run(tiny_fashion)
+    with dg.guided(tiny_fashion, linear.with_switch(1.5)):
+        assert torch.equal(_run(tiny_fashion), plain_linear)
+        assert dg.stats(tiny_fashion)["nfe"] == linear.nfe
+    with dg.guided(tiny_fashion, linear.with_switch(-1.0)):  # switches at the first real step
+        _run(tiny_fashion)
+        assert dg.stats(tiny_fashion)["nfe_per_sample"] == [5, 5, 5]
+
+
 class _Recorder(GuidanceRule):
     """CFG in x0 space that keeps what it was given."""
 
