@@ -46,10 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import MODELS, RESULTS, ROOT, embedded_model, machine, markdown_table, write_result, write_section  # noqa: E402
 
 import diffguide as dg  # noqa: E402
-from diffguide.compare import FRONTIER_POINTS, calibrate_on_labels  # noqa: E402
+from diffguide.compare import FRONTIER_POINTS, SHIPPED_LINEAR_AG, calibrate_on_labels  # noqa: E402
 from diffguide.generation import generate_samples  # noqa: E402
 from diffguide.guidance.linear_ag import LinearAG, paper_schedule  # noqa: E402
 from diffguide.metrics.features import extract_features  # noqa: E402
+from diffguide.models import DEFAULT_MODEL_DIR  # noqa: E402
 
 CACHE = ROOT / "runs" / "frontier"
 INF = float("inf")
@@ -91,6 +92,9 @@ def linear_ag(
     """LinearAG calibrated on 200 CFG trajectories at (scale, steps) in ``space``; cached in evals/results."""
     prefix = ("" if model == "digits" else f"{model}_") + ("" if space == "model_output" else "x0_")
     path = RESULTS / f"{prefix}linear_ag_w{scale:g}_{steps}steps.safetensors"
+    shipped = SHIPPED_LINEAR_AG.get((scale, steps)) if model == "digits" and space == "model_output" else None
+    if shipped is not None:  # the coefficients `diffguide compare` and the demo use
+        path = DEFAULT_MODEL_DIR / shipped
     rule = LinearAG.load(path) if path.exists() else calibrate_on_labels(pipe, scale, steps, 200, space)
     if not path.exists():
         rule.save(path)
