@@ -30,6 +30,7 @@ docs/figures/frontier_<model>.png.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -256,8 +257,11 @@ class FirstBlockCacheWith:
                 registry.remove_hook(name, recurse=True)
 
 
-def sample_point(pipe, judge, point: Point, labels: torch.Tensor, seed: int, batch_size: int) -> dict:
-    """Images, judge features and NFE of one point, all samples on seeds seed + i."""
+def sample_point(
+    pipe, judge, point: Point, labels: torch.Tensor, seed: int, batch_size: int, rule=None
+) -> dict:
+    """Images, judge features and NFE of one point (its rule, or ``rule`` when already built),
+    all samples on seeds seed + i."""
     final_latents: list[torch.Tensor] = []
 
     def keep_last(pipe_, step, timestep, callback_kwargs):
@@ -265,7 +269,7 @@ def sample_point(pipe, judge, point: Point, labels: torch.Tensor, seed: int, bat
             final_latents.append(callback_kwargs["latents"].cpu())
         return {}
 
-    rule = point.make(pipe=pipe, steps=point.steps)
+    rule = rule if rule is not None else point.make(pipe=pipe, steps=point.steps)
     nfe: list[int] = []
     peer = isinstance(rule, FasterCacheUncondSkip)
     cached = isinstance(rule, FirstBlockCacheWith)
@@ -273,7 +277,7 @@ def sample_point(pipe, judge, point: Point, labels: torch.Tensor, seed: int, bat
     started = time.perf_counter()
     with rule.attached(pipe, nfe) if peer else (rule.attached(pipe, counts) if cached else nullcontext()):
         images = generate_samples(
-            pipe, labels, seed=seed, batch_size=batch_size, guidance=None if peer else getattr(rule, "rule", rule),
+            pipe, labels, seed=seed, batch_size=batch_size, guidance=None if peer else (rule.rule if cached else rule),
             nfe_per_sample=None if peer else nfe, guidance_scale=point.scale, num_inference_steps=point.steps,
             callback_on_step_end=keep_last,
         )  # fmt: skip
@@ -293,17 +297,24 @@ def sample_point(pipe, judge, point: Point, labels: torch.Tensor, seed: int, bat
     }
 
 
+def cache_folder(model: str, samples: int, seed: int, batch_size: int) -> Path:
+    """Where a run's points are cached; batches other than 100 apart (FirstBlockCache decides per batch)."""
+    return CACHE / model / (f"n{samples}-seed{seed}" + ("" if batch_size == 100 else f"-b{batch_size}"))
+
+
 def run_points(model: str, points: list[Point], n_per_class: int, seed: int, batch_size: int) -> Path:
+    """Sample every point not cached yet, or cached with another rule (a changed setting or fit)."""
     pipe, judge, _, _ = embedded_model(model)
     labels = torch.arange(pipe.num_classes).repeat_interleave(n_per_class)
-    folder = CACHE / model / f"n{len(labels)}-seed{seed}"
+    folder = cache_folder(model, len(labels), seed, batch_size)
     folder.mkdir(parents=True, exist_ok=True)
     for i, point in enumerate(points):
         path = folder / f"{point.slug}.npz"
-        if path.exists():
+        rule = point.make(pipe=pipe, steps=point.steps)
+        if path.exists() and str(np.load(path)["rule"]) == repr(rule):
             continue
         print(f"[{model} {i + 1}/{len(points)}] {point.slug}", flush=True)
-        record = sample_point(pipe, judge, point, labels, seed, batch_size)
+        record = sample_point(pipe, judge, point, labels, seed, batch_size, rule)
         np.savez(path.with_suffix(".tmp.npz"), **record)
         path.with_suffix(".tmp.npz").rename(path)
         print(f"  NFE {record['nfe'].mean():.1f}, {record['seconds']:.0f} s, "
@@ -438,7 +449,7 @@ def frontier_plot(model: str, rows: dict[str, dict], path: Path) -> None:
 
     fig, axes = plt.subplots(2, 4, figsize=(20, 9))
     families = sorted({row["family"] for row in rows.values()} - {"CFG"})
-    markers = dict(zip(families, "o^vsDP*X", strict=False))
+    markers = dict(zip(families, itertools.cycle("o^vsDP*Xh<>"), strict=False))
     cfg = sorted((row for row in rows.values() if row["family"] == "CFG"), key=lambda r: r["nfe"])
     recommended = SETTINGS[model]["scale"]
     all_cfg = cfg
@@ -557,7 +568,7 @@ def main() -> None:
     for model in [args.model] if args.model else list(MODELS):
         n_per_class = args.n_per_class or (5 if args.quick else SETTINGS[model]["n_per_class"])
         points = points_for(model, args.quick)
-        folder = CACHE / model / f"n{n_per_class * 10}-seed{args.seed}"
+        folder = cache_folder(model, n_per_class * 10, args.seed, args.batch_size)
         if not args.report:
             folder = run_points(model, points, n_per_class, args.seed, args.batch_size)
         rows = measure_points(model, points, folder, n_per_class)
