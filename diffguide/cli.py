@@ -356,6 +356,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.eval_command == "stats":
         from .metrics.features import save_stats
 
+        if args.with_features and Path(args.folder).suffix == ".npz":
+            raise UsageError("--with-features needs an image folder, not a statistics file")
         mu, sigma, features = _stats_or_features(args.folder, extractor, channels, size, key)
         kept = features if args.with_features else None
         written = save_stats(args.out, mu, sigma, key, features=None if kept is None else kept.numpy())
@@ -662,7 +664,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also report improved precision and recall (k=3); B is the real side (a folder, or statistics "
         "saved --with-features)",
     )  # fmt: skip
-    fid.add_argument("--density", action="store_true", help="also report density and coverage (k=5)")
+    fid.add_argument(
+        "--density", action="store_true",
+        help="also report density and coverage (k=5); B is the real side, as for --pr",
+    )  # fmt: skip
     stats = eval_sub.add_parser("stats", help="cache the feature statistics of an image folder")
     stats.add_argument("folder")
     stats.add_argument("--out", required=True, help="the .npz file to write")

@@ -172,6 +172,8 @@ class FasterCacheUncondSkip:
 
     @contextmanager
     def attached(self, pipe, nfe_per_sample: list[int]):
+        """FasterCache on ``pipe``'s denoiser for the block; appends each sample's NFE, counted
+        as rows reaching its first layer, to ``nfe_per_sample``; the hooks are removed after."""
         from diffusers.hooks import FasterCacheConfig, HookRegistry, apply_faster_cache
 
         denoiser = pipe.denoiser
@@ -231,6 +233,8 @@ class FirstBlockCacheWith:
 
     @contextmanager
     def attached(self, pipe, counts: dict):
+        """FirstBlockCache on ``pipe``'s denoiser for the block; ``counts["block_fraction"]`` is
+        set on exit to the blocks run over the blocks called; the hooks are removed after."""
         from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
 
         denoiser = pipe.denoiser
@@ -442,6 +446,7 @@ def _value(row: dict, key: str) -> float:
 
 
 def frontier_plot(model: str, rows: dict[str, dict], path: Path) -> None:
+    """NFE against each measure: CFG per scale as lines, CFG's best-so-far envelope, rules as markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -497,6 +502,7 @@ def _with_se(row: dict, key: str) -> str:
 
 
 def report(model: str, rows: dict[str, dict], saved: dict[str, dict], command: str) -> str:
+    """The BENCHMARKS.md section of one model: the savings table, then every point."""
     first = next(iter(rows.values()))
     header = ["point", "steps", "w", "NFE", "judge acc.", "precision", "recall", "density", "coverage",
               "domain FD", "pixel L2 to CFG-20", "feature L2", "over-range"]  # fmt: skip

@@ -43,6 +43,9 @@ class GuidanceRule:
 
     #: the space :meth:`combine` works in: raw ``"model_output"`` or ``"denoised"`` (x0)
     space: str = "model_output"
+    #: whether the rule must see every step (LinearAG regresses on the previous steps), so that a
+    #: wrapper running it on some steps only (``GuidanceInterval(rule=...)``) refuses it
+    needs_every_step: bool = False
 
     @property
     def uses_noise_level(self) -> bool:

@@ -38,18 +38,24 @@ class GuidanceInterval(GuidanceRule):
         sigma_hi: upper end (inclusive); ``inf`` guides from the start.
         Defaults: the paper's EDM2-XXL interval (0.28, 5.42].
         space: where CFG is combined (affine, so both spaces agree up to rounding).
+        rule: a rule to run inside the interval instead of CFG (e.g. ``AdaptiveGuidance``); the
+            interval then works in that rule's space. Rules that need every step are refused.
     """
 
     def __init__(
         self,
         sigma_lo: float = 0.28,
         sigma_hi: float = 5.42,
-        space: str = "model_output",
+        space: str | None = None,
         rule: GuidanceRule | None = None,
     ):
         if not 0 <= sigma_lo < sigma_hi:
             raise ValueError(f"need 0 <= sigma_lo < sigma_hi, got sigma_lo={sigma_lo}, sigma_hi={sigma_hi}")
-        if rule is not None and getattr(rule, "needs_every_step", False):
+        if rule is not None and space is not None and space != rule.space:
+            raise ValueError(
+                f"space={space!r} but the inner rule works in {rule.space!r}; leave space unset with rule="
+            )
+        if rule is not None and rule.needs_every_step:
             raise ValueError(
                 f"{type(rule).__name__} inside an interval would miss the steps outside it that its estimates "
                 "need; give it a schedule with 'cond' steps instead"
@@ -58,7 +64,7 @@ class GuidanceInterval(GuidanceRule):
         self.sigma_hi = float(sigma_hi)
         self.rule = rule
         # the inner rule works in its own space; the interval's choice is then moot
-        self.space = rule.space if rule is not None else check_space(space)
+        self.space = rule.space if rule is not None else check_space(space or "model_output")
 
     @property
     def uses_noise_level(self) -> bool:

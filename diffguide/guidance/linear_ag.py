@@ -145,8 +145,7 @@ class LinearAG(GuidanceRule):
         #: per sample, whether AG's switch has fired (only with ``switch_threshold``)
         self.converged: torch.Tensor | None = None
 
-    #: its estimates regress on the previous steps' predictions, so it must see every step
-    needs_every_step = True
+    needs_every_step = True  # its estimates regress on the previous steps' predictions
 
     def with_schedule(self, schedule: Sequence[str]) -> LinearAG:
         """The same coefficients under another schedule."""

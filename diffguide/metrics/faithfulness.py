@@ -29,6 +29,7 @@ class Distance:
 
     @classmethod
     def of(cls, distances: torch.Tensor) -> Distance:
+        """Summary of (N,) per-sample distances (sample standard deviation, ddof 1)."""
         values = distances.double()
         std = float(values.std(unbiased=True)) if len(values) > 1 else 0.0
         return cls(float(values.mean()), std, std / len(values) ** 0.5)

@@ -38,15 +38,24 @@ def _as_tensor(features: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
         raise ValueError(f"{name}: {err}") from None
 
 
-def _check_pair(real, fake, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_pair(real, fake, k: int, fake_radii: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     real, fake = _as_tensor(real, "real_features"), _as_tensor(fake, "fake_features")
     if real.shape[1] != fake.shape[1]:
-        raise ValueError(f"feature dimensions differ: real {real.shape[1]}, fake {fake.shape[1]}")
-    if k < 1 or k >= min(len(real), len(fake)):
         raise ValueError(
-            f"k must be >= 1 and smaller than both set sizes ({len(real)}, {len(fake)}), got {k}"
+            f"feature dimensions differ: real {real.shape[1]}, fake {fake.shape[1]}; "
+            "extract both sets with the same feature extractor"
         )
+    sizes = (len(real), len(fake)) if fake_radii else (len(real),)
+    if k < 1 or k >= min(sizes):
+        names = "both set sizes" if fake_radii else "the real set size"
+        raise ValueError(f"k must be >= 1 and smaller than {names} {sizes}, got {k}")
     return real, fake
+
+
+def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # the direct form, not the matmul shortcut, so a distance is the same in every block and
+    # "distance <= radius" holds exactly for a point and itself
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def knn_radii(features: torch.Tensor | np.ndarray, k: int) -> torch.Tensor:
@@ -56,7 +65,7 @@ def knn_radii(features: torch.Tensor | np.ndarray, k: int) -> torch.Tensor:
         raise ValueError(f"k must be >= 1 and smaller than the set size {len(points)}, got {k}")
     radii = []
     for start in range(0, len(points), BLOCK):
-        distances = torch.cdist(points[start : start + BLOCK], points)
+        distances = _distances(points[start : start + BLOCK], points)
         # the (k+1)-th smallest: the row's own zero distance comes first
         radii.append(distances.kthvalue(k + 1, dim=1).values)
     return torch.cat(radii)
@@ -66,7 +75,7 @@ def _ball_counts(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tens
     """Per query (M,), how many balls ``B(centres_i, radii_i)`` contain it."""
     counts = []
     for start in range(0, len(queries), BLOCK):
-        inside = torch.cdist(queries[start : start + BLOCK], centres) <= radii[None, :]
+        inside = _distances(queries[start : start + BLOCK], centres) <= radii[None, :]
         counts.append(inside.sum(dim=1))
     return torch.cat(counts)
 
@@ -86,12 +95,12 @@ def density_coverage(
 ) -> tuple[float, float]:
     """Density (mean count of real balls per fake, over k; can exceed 1) and coverage (the
     fraction of real balls holding at least one fake)."""
-    real, fake = _check_pair(real_features, fake_features, k)
+    real, fake = _check_pair(real_features, fake_features, k, fake_radii=False)
     radii = knn_radii(real, k)
     density = _ball_counts(fake, real, radii).double().sum() / (k * len(fake))
     nearest_fake = torch.cat(
         [
-            torch.cdist(real[start : start + BLOCK], fake).min(dim=1).values
+            _distances(real[start : start + BLOCK], fake).min(dim=1).values
             for start in range(0, len(real), BLOCK)
         ]
     )
