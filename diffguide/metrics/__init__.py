@@ -5,7 +5,7 @@ from .faithfulness import Distance, faithfulness, per_sample_distance
 from .frechet import feature_frechet_distance, frechet_distance, frechet_distance_infinity, gaussian_stats
 from .istd import interpolation_istd, slerp, strip_istd
 from .kid import kernel_distance, polynomial_mmd2
-from .manifold import density_coverage, knn_radii, precision_recall
+from .manifold import density_coverage, knn_radii, manifold_membership, precision_recall
 from .saturation import clipped_fraction, mean_contrast
 
 #: the name DESIGN.md gives ISTD in the public API
@@ -16,6 +16,7 @@ __all__ = [
     "density_coverage",
     "faithfulness",
     "knn_radii",
+    "manifold_membership",
     "per_sample_distance",
     "precision_recall",
     "clipped_fraction",

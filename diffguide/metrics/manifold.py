@@ -80,14 +80,24 @@ def _ball_counts(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tens
     return torch.cat(counts)
 
 
+def manifold_membership(
+    real_features: torch.Tensor | np.ndarray, fake_features: torch.Tensor | np.ndarray, k: int = 3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, the indicators precision and recall average: bool (M,) whether each fake lies
+    in the real manifold, and bool (N,) whether each real lies in the fake one. Paired runs (same
+    seeds, same real set) compare these sample by sample."""
+    real, fake = _check_pair(real_features, fake_features, k)
+    fake_in_real = _ball_counts(fake, real, knn_radii(real, k)) > 0
+    real_in_fake = _ball_counts(real, fake, knn_radii(fake, k)) > 0
+    return fake_in_real, real_in_fake
+
+
 def precision_recall(
     real_features: torch.Tensor | np.ndarray, fake_features: torch.Tensor | np.ndarray, k: int = 3
 ) -> tuple[float, float]:
     """Improved precision (fakes inside the real manifold) and recall (reals inside the fake one)."""
-    real, fake = _check_pair(real_features, fake_features, k)
-    precision = (_ball_counts(fake, real, knn_radii(real, k)) > 0).double().mean()
-    recall = (_ball_counts(real, fake, knn_radii(fake, k)) > 0).double().mean()
-    return float(precision), float(recall)
+    fake_in_real, real_in_fake = manifold_membership(real_features, fake_features, k)
+    return float(fake_in_real.double().mean()), float(real_in_fake.double().mean())
 
 
 def density_coverage(
