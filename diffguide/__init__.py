@@ -2,9 +2,19 @@
 
 from . import metrics
 from .adapters.calibration import calibrate_linear_ag
+from .adapters.cutoff import cfg_cutoff, cutoff_sigma
 from .adapters.guider import as_guider
 from .classifier import ClassifierSchedule, DiffusionClassifier
-from .guidance import APG, CFG, AdaptiveGuidance, GuidanceInterval, GuidanceRule, LinearAG, make_rule
+from .guidance import (
+    APG,
+    CFG,
+    AdaptiveGuidance,
+    GuidanceInterval,
+    GuidanceRule,
+    LinearAG,
+    WithinInterval,
+    make_rule,
+)
 from .hooks import apply, guided, remove, stats
 from .models import (
     ClassConditionalTransformerPipeline,
@@ -18,6 +28,8 @@ from .models import (
 from .schedulers import ShortestPathScheduler
 
 __all__ = [
+    "cfg_cutoff",
+    "cutoff_sigma",
     "APG",
     "CFG",
     "ClassifierSchedule",
@@ -26,6 +38,7 @@ __all__ = [
     "ClassConditionalTransformerPipeline",
     "DigitsPipeline",
     "GuidanceInterval",
+    "WithinInterval",
     "GuidanceRule",
     "LinearAG",
     "apply",

@@ -4,7 +4,7 @@
 
 On the tiny offline SD build of the tests (random weights, so the images are noise and only
 equality and network rows are measured): ``SDCFGCutoffCallback(cutoff_step_ratio=r)`` against
-``dg.guidance.cfg_cutoff(pipe.scheduler, steps, cutoff_step_ratio=r)``, i.e.
+``dg.cfg_cutoff(pipe.scheduler, steps, cutoff_step_ratio=r)``, i.e.
 ``GuidanceInterval(sigma_lo, inf)`` with ``sigma_lo`` between the noise levels of the last
 guided step and the next one. Per ratio: NFE per image of each (denoiser rows actually
 evaluated, counted by a pre-hook on the UNet's first layer, over the images), the largest pixel
@@ -29,7 +29,7 @@ from report import machine, markdown_table, write_result, write_section  # noqa:
 from tiny_pipelines import tiny_sd, tiny_sd3, tiny_sdxl  # noqa: E402
 
 import diffguide as dg  # noqa: E402
-from diffguide.guidance import cfg_cutoff, cutoff_sigma, cutoff_step  # noqa: E402
+from diffguide.adapters.cutoff import cfg_cutoff, cutoff_sigma, cutoff_step  # noqa: E402
 
 RATIOS = (0.3, 0.5, 0.7)
 FAMILIES = {
@@ -178,7 +178,7 @@ def main() -> None:
 
 `python evals/cfg_cutoff_peers.py --steps {steps}` on {machine()}. Tiny offline SD build
 (random weights, DDIM, {steps} steps, guidance scale 5): `SDCFGCutoffCallback(cutoff_step_ratio=r)`
-against `dg.guidance.cfg_cutoff(pipe.scheduler, {steps}, cutoff_step_ratio=r)`, the interval
+against `dg.cfg_cutoff(pipe.scheduler, {steps}, cutoff_step_ratio=r)`, the interval
 `(sigma_lo, inf)` with `sigma_lo` between the noise levels `sigma / alpha` of the last guided step
 and the next. NFE/image: denoiser rows actually evaluated (pre-hook on the UNet's first layer)
 over the images. "2 prompts x 2 images" is right when every image equals, within {TOLERANCE:g}, that

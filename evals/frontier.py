@@ -123,9 +123,9 @@ def points_for(model: str, quick: bool = False) -> list[Point]:
             Point("APG", "r=2 beta=-0.5", steps, w, lambda **_: dg.APG(eta=0.0, norm_threshold=2.0, momentum=-0.5)),
             # combinations: AG's per-sample switch inside an interval
             Point("AG+interval", "0.991 in cutoff 1.0", steps, w,
-                  lambda **_: dg.GuidanceInterval(1.0, INF, rule=dg.AdaptiveGuidance(0.991))),
+                  lambda **_: dg.WithinInterval(dg.AdaptiveGuidance(0.991), 1.0, INF)),
             Point("AG+interval", "0.991 in (0.28,5.42]", steps, w,
-                  lambda **_: dg.GuidanceInterval(0.28, 5.42, rule=dg.AdaptiveGuidance(0.991))),
+                  lambda **_: dg.WithinInterval(dg.AdaptiveGuidance(0.991), 0.28, 5.42)),
             # AG's switch on LinearAG's real steps, both in x0 space
             Point("AG+LinearAG", "0.991, paper schedule (x0)", steps, w,
                   lambda pipe, steps, **_: linear_ag(model, pipe, w, steps, space="denoised").with_switch(0.991)),

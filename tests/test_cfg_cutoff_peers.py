@@ -1,4 +1,4 @@
-"""diffusers' CFG-cutoff callbacks against diffguide's interval cutoff (``dg.guidance.cfg_cutoff``).
+"""diffusers' CFG-cutoff callbacks against diffguide's interval cutoff (``dg.cfg_cutoff``).
 
 ``SDCFGCutoffCallback`` and kin turn CFG off at the end of step ``k`` by setting the pipeline's
 guidance scale to 0 and keeping the last row of the prompt embeddings. With one prompt and one
@@ -21,7 +21,7 @@ from diffusers.callbacks import SD3CFGCutoffCallback, SDCFGCutoffCallback, SDXLC
 from tiny_pipelines import tiny_sd, tiny_sd3, tiny_sdxl
 
 import diffguide as dg
-from diffguide.guidance import cfg_cutoff, cutoff_sigma, cutoff_step, step_noise_levels
+from diffguide.adapters.cutoff import cfg_cutoff, cutoff_sigma, cutoff_step, step_noise_levels
 
 STEPS = 10
 CASES = {

@@ -116,7 +116,7 @@ def test_combinations_reduce_to_their_parts_through_the_hook(tiny_fashion):
     with dg.guided(tiny_fashion, ag):
         alone, alone_nfe = _run(tiny_fashion), dg.stats(tiny_fashion)["nfe_per_sample"]
     assert alone_nfe != [8, 8, 8]  # the switch fires, so the identity covers it
-    with dg.guided(tiny_fashion, dg.GuidanceInterval(0.0, math.inf, rule=dg.AdaptiveGuidance(threshold=0.5))):
+    with dg.guided(tiny_fashion, dg.WithinInterval(dg.AdaptiveGuidance(threshold=0.5), 0.0, math.inf)):
         assert torch.equal(_run(tiny_fashion), alone)
         assert dg.stats(tiny_fashion)["nfe_per_sample"] == alone_nfe
     linear = dg.calibrate_linear_ag(tiny_fashion, {"class_labels": [0, 1, 2, 3], **CALL}, space="denoised")

@@ -231,9 +231,7 @@ def test_ag_inside_an_interval_guides_inside_only_and_switches_there():
     steps = _descending_steps()  # levels 3.0, 2.44, 1.88, 1.32, 0.76, 0.2
     cond_uncond = [_predictions(seed=10 + i) for i in range(len(steps))]
     cond_uncond[3] = (cond_uncond[3][0], cond_uncond[3][0] * 1.0001)  # cos ~ 1 at step 3: AG switches
-    outputs, masks = _run_rule(
-        dg.GuidanceInterval(1.0, 2.5, rule=dg.AdaptiveGuidance(0.99)), steps, cond_uncond
-    )
+    outputs, masks = _run_rule(dg.WithinInterval(dg.AdaptiveGuidance(0.99), 1.0, 2.5), steps, cond_uncond)
     assert [bool(m.any()) for m in masks] == [False, True, True, True, False, False]
     for index, (cond, uncond) in enumerate(cond_uncond):
         expected = cfg_combine(cond, uncond, 4.0) if index in (1, 2, 3) else cond
@@ -248,7 +246,7 @@ def test_an_interval_over_everything_around_ag_is_ag():
     cond_uncond = [_predictions(seed=20 + i) for i in range(len(steps))]
     cond_uncond[2] = (cond_uncond[2][0], cond_uncond[2][0] * 1.0001)
     wrapped, wrapped_masks = _run_rule(
-        dg.GuidanceInterval(0.0, float("inf"), rule=dg.AdaptiveGuidance(0.99)), steps, cond_uncond
+        dg.WithinInterval(dg.AdaptiveGuidance(0.99), 0.0, float("inf")), steps, cond_uncond
     )
     alone, alone_masks = _run_rule(dg.AdaptiveGuidance(0.99), steps, cond_uncond)
     assert [m.tolist() for m in wrapped_masks] == [m.tolist() for m in alone_masks]
@@ -259,7 +257,7 @@ def test_an_interval_over_everything_around_ag_is_ag():
 
 def test_an_interval_refuses_linear_ag_inside():
     with pytest.raises(ValueError, match="miss the steps outside"):
-        dg.GuidanceInterval(1.0, 2.0, rule=dg.LinearAG(torch.zeros(10, 4)))
+        dg.WithinInterval(dg.LinearAG(torch.zeros(10, 4)), 1.0, 2.0)
 
 
 def _linear_ag(switch_threshold=None):

@@ -7,5 +7,6 @@
 - ``two_call.py``: a conditional and an unconditional call per step;
 - ``caches.py``: which of diffusers' caching hooks compose with which rules, and the refusals;
 - ``guider.py``: a rule as a diffusers guider (``dg.as_guider``), for modular pipelines;
-- ``calibration.py``: LinearAG fitted on a pipeline's CFG trajectories (``dg.calibrate_linear_ag``).
+- ``calibration.py``: LinearAG fitted on a pipeline's CFG trajectories (``dg.calibrate_linear_ag``);
+- ``cutoff.py``: diffusers' CFG-cutoff callbacks as an interval on the scheduler's noise levels (``dg.cfg_cutoff``).
 """

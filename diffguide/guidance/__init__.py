@@ -5,8 +5,7 @@ from .adaptive import AdaptiveGuidance
 from .apg import APG
 from .base import GuidanceRule, GuidanceStep
 from .cfg import CFG
-from .cutoff import cfg_cutoff, cutoff_sigma, cutoff_step, step_noise_levels
-from .interval import GuidanceInterval
+from .interval import GuidanceInterval, WithinInterval
 from .linear_ag import LinearAG
 from .registry import METHODS, Method, Param, make_rule, method, method_of
 
@@ -16,16 +15,13 @@ __all__ = [
     "METHODS",
     "AdaptiveGuidance",
     "GuidanceInterval",
+    "WithinInterval",
     "GuidanceRule",
     "GuidanceStep",
     "LinearAG",
     "Method",
     "Param",
-    "cfg_cutoff",
-    "cutoff_sigma",
-    "cutoff_step",
     "make_rule",
     "method",
     "method_of",
-    "step_noise_levels",
 ]

@@ -44,7 +44,7 @@ class GuidanceRule:
     #: the space :meth:`combine` works in: raw ``"model_output"`` or ``"denoised"`` (x0)
     space: str = "model_output"
     #: whether the rule must see every step (LinearAG regresses on the previous steps), so that a
-    #: wrapper running it on some steps only (``GuidanceInterval(rule=...)``) refuses it
+    #: wrapper running it on some steps only (``WithinInterval``) refuses it
     needs_every_step: bool = False
 
     @property

@@ -23,8 +23,8 @@ from __future__ import annotations
 import copy
 import math
 
+from ..guidance.interval import GuidanceInterval
 from ..prediction import noise_level
-from .interval import GuidanceInterval
 
 __all__ = ["cfg_cutoff", "cutoff_sigma", "cutoff_step", "step_noise_levels"]
 
