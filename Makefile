@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
-# The main job: CFG, APG, AG and LinearAG on the same seeds, with NFE, time and judge accuracy.
+# The main job: CFG, APG, AG and LinearAG on the same seeds, with NFE, time, judge accuracy, distance
+# to the CFG images, and the frontier benchmark's precision/recall of each setting.
 demo: setup
 	$(BIN)/diffguide compare --methods cfg,apg,ag,linear-ag --scale 3 --steps 20 --labels 0-9 --n 2 --seed 0 --out $(DEMO_OUT)
 
