@@ -102,8 +102,24 @@ def linear_ag(
     return rule.with_schedule(paper_schedule(steps, real_every=real_every))
 
 
-def points_for(model: str, quick: bool = False) -> list[Point]:
-    """CFG's grid first (the frontier every rule is read against), then the rules."""
+def points_for(
+    model: str, quick: bool = False, max_steps: int | None = None, scales: tuple[float, ...] | None = None
+) -> list[Point]:
+    """CFG's grid first (the frontier every rule is read against), then the rules; ``max_steps``
+    and ``scales`` narrow the grid for a larger-sample check (CFG at the reference steps stays,
+    at the rules' scale, for faithfulness)."""
+    points = _all_points(model, quick)
+    if max_steps is None and scales is None:
+        return points
+    w = SETTINGS[model]["scale"]
+    return [
+        p for p in points
+        if (p.family != "CFG" or scales is None or p.scale in scales)
+        and (p.steps <= (max_steps or p.steps) or (p.family == "CFG" and p.steps == REFERENCE_STEPS and p.scale == w))
+    ]  # fmt: skip
+
+
+def _all_points(model: str, quick: bool) -> list[Point]:
     settings = SETTINGS[model]
     w = settings["scale"]
     # the recommended scale first, so a run cut short has its whole grid
@@ -539,9 +555,13 @@ def _with_se(row: dict, key: str) -> str:
     return f"{row[key]:.3f} ± {row[f'{key}_se']:.3f}"
 
 
-def report(model: str, rows: dict[str, dict], saved: dict[str, dict], command: str) -> str:
+def report(
+    model: str, rows: dict[str, dict], saved: dict[str, dict], command: str, tag: str | None = None
+) -> str:
     """The BENCHMARKS.md section of one model: the savings table, then every point."""
     first = next(iter(rows.values()))
+    cfg_steps = sorted({r["steps"] for r in rows.values() if r["family"] == "CFG"})
+    cfg_scales = sorted({r["scale"] for r in rows.values() if r["family"] == "CFG"})
     header = ["point", "steps", "w", "NFE", "judge acc.", "precision", "recall", "density", "coverage",
               "domain FD", "pixel L2 to CFG-20", "feature L2", "over-range"]  # fmt: skip
     table = []
@@ -583,12 +603,13 @@ def report(model: str, rows: dict[str, dict], saved: dict[str, dict], command: s
         f"size); ± is the binomial standard error. Domain FD against the whole test split. Faithfulness: mean "
         f"per-sample L2 distance (± standard error) to CFG at {REFERENCE_STEPS} steps and the same scale on the "
         f"same seed, in [0, 1] pixels and in judge features. Plots: "
-        f"[figures/frontier_{model}.png](figures/frontier_{model}.png).\n\n"
+        f"[figures/frontier_{tag or model}.png](figures/frontier_{tag or model}.png).\n\n"
         f"**NFE saved.** Against CFG at the same step count (the papers' framing; 'at parity' means no worse "
         f"on accuracy, precision and recall by more than one standard error of the paired difference: the "
         f"same seeds and real set make every point's samples pairs, so differences are measured sample by "
         f"sample), and against the "
-        f"cheapest CFG point, over steps {{{', '.join(map(str, CFG_STEPS))}}} and scales, that is at least as "
+        f"cheapest CFG point, over steps {{{', '.join(map(str, cfg_steps))}}} and scales "
+        f"{{{', '.join(f'{x:g}' for x in cfg_scales)}}}, that is at least as "
         f"good as the rule on the same three measures (ours). A negative figure: CFG's frontier reaches the "
         f"rule's quality for fewer NFE. The last two columns read the same against faithfulness: the "
         f"fewest CFG steps, at the rule's scale, whose images are at least as close to CFG-{REFERENCE_STEPS}'s "
@@ -613,11 +634,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--report", action="store_true", help="only tables and plots from cached points")
+    parser.add_argument(
+        "--max-steps", type=int, default=None, help="a narrower grid: points up to this many steps"
+    )
+    parser.add_argument(
+        "--scales", default=None, help="a narrower grid: CFG at these scales only (comma-separated)"
+    )
     args = parser.parse_args()
+    scales = tuple(float(x) for x in args.scales.split(",")) if args.scales else None
+    narrowed = args.max_steps is not None or scales is not None
     results = {}
     for model in [args.model] if args.model else list(MODELS):
         n_per_class = args.n_per_class or (5 if args.quick else SETTINGS[model]["n_per_class"])
-        points = points_for(model, args.quick)
+        points = points_for(model, args.quick, args.max_steps, scales)
         folder = cache_folder(model, n_per_class * 10, args.seed, args.batch_size)
         if not args.report:
             folder = run_points(model, points, n_per_class, args.seed, args.batch_size)
@@ -629,18 +658,23 @@ def main() -> None:
         written = {
             slug: {k: v for k, v in row.items() if not k.startswith("_")} for slug, row in rows.items()
         }
-        results[model] = {
+        # a narrowed or larger-sample run is a check beside the main frontier, under its own name
+        tag = model if not narrowed and args.n_per_class is None else f"{model}_n{n_per_class * 10}"
+        if narrowed:
+            tag += f"_steps{args.max_steps}" if args.max_steps else ""
+            tag += f"_w{'-'.join(f'{x:g}' for x in scales)}" if scales else ""
+        results[tag] = {
             "command": command.strip(),
             "machine": machine(),
             "points": written,
             "savings": saved,
         }
-        frontier_plot(model, rows, ROOT / "docs" / "figures" / f"frontier_{model}.png")
-        section = report(model, rows, saved, command.strip())
+        frontier_plot(model, rows, ROOT / "docs" / "figures" / f"frontier_{tag}.png")
+        section = report(model, rows, saved, command.strip(), tag)
         if args.quick:
             print(section)
             continue
-        write_section(f"frontier_{model}", section)
+        write_section(f"frontier_{tag}", section)
         print(section)
     if not args.quick:
         previous = (
@@ -654,7 +688,7 @@ def main() -> None:
         points = [
             {"model": model, "rule": row["rule"], "steps": row["steps"], "scale": row["scale"], "samples": row["samples"],
              **{key: round(row[key], 4) for key in ("precision", "precision_se", "recall", "recall_se")}}
-            for model, record in merged.items() for row in record["points"].values()
+            for model, record in merged.items() if model in MODELS for row in record["points"].values()
         ]  # fmt: skip
         FRONTIER_POINTS.write_text(json.dumps(points, indent=0) + "\n")
 
