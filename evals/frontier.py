@@ -596,7 +596,13 @@ def report(
         ])  # fmt: skip
     best = max((s["vs_frontier"] for s in saved.values() if s["vs_frontier"] is not None), default=None)
     return (
-        f"### The NFE frontier: {MODELS[model]}\n\n`{command}` ({machine()}). {first['samples']} samples per "
+        f"### The NFE frontier: {MODELS[model]}"
+        + (
+            ""
+            if tag in (None, model)
+            else ", a larger-sample check on a narrowed grid (only the points cached are shown)"
+        )
+        + f"\n\n`{command}` ({machine()}). {first['samples']} samples per "
         f"point ({first['samples'] // 10} per class, seeds 0..{first['samples'] - 1}, the same for every point). "
         f"Judge accuracy, improved precision/recall (k=3) and density/coverage (k=5) in judge features against "
         f"{first['samples']} class-balanced test images (the same count, since k-NN radii shrink with the set "
