@@ -71,13 +71,17 @@ def knn_radii(features: torch.Tensor | np.ndarray, k: int) -> torch.Tensor:
     return torch.cat(radii)
 
 
-def _ball_counts(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
-    """Per query (M,), how many balls ``B(centres_i, radii_i)`` contain it."""
-    counts = []
+def _inside_balls(
+    queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query (M,), how many balls ``B(centres_i, radii_i)`` contain it; per ball (N,), whether
+    any query lies in it. One pass over the query-centre distances gives both."""
+    counts, occupied = [], torch.zeros(len(centres), dtype=torch.bool)
     for start in range(0, len(queries), BLOCK):
         inside = _distances(queries[start : start + BLOCK], centres) <= radii[None, :]
         counts.append(inside.sum(dim=1))
-    return torch.cat(counts)
+        occupied |= inside.any(dim=0)
+    return torch.cat(counts), occupied
 
 
 def manifold_membership(
@@ -87,8 +91,8 @@ def manifold_membership(
     in the real manifold, and bool (N,) whether each real lies in the fake one. Paired runs (same
     seeds, same real set) compare these sample by sample."""
     real, fake = _check_pair(real_features, fake_features, k)
-    fake_in_real = _ball_counts(fake, real, knn_radii(real, k)) > 0
-    real_in_fake = _ball_counts(real, fake, knn_radii(fake, k)) > 0
+    fake_in_real = _inside_balls(fake, real, knn_radii(real, k))[0] > 0
+    real_in_fake = _inside_balls(real, fake, knn_radii(fake, k))[0] > 0
     return fake_in_real, real_in_fake
 
 
@@ -107,12 +111,7 @@ def density_coverage(
     fraction of real balls holding at least one fake)."""
     real, fake = _check_pair(real_features, fake_features, k, fake_radii=False)
     radii = knn_radii(real, k)
-    density = _ball_counts(fake, real, radii).double().sum() / (k * len(fake))
-    nearest_fake = torch.cat(
-        [
-            _distances(real[start : start + BLOCK], fake).min(dim=1).values
-            for start in range(0, len(real), BLOCK)
-        ]
-    )
-    coverage = (nearest_fake <= radii).double().mean()
+    counts, occupied = _inside_balls(fake, real, radii)
+    density = counts.double().sum() / (k * len(fake))
+    coverage = occupied.double().mean()
     return float(density), float(coverage)
