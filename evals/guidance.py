@@ -31,10 +31,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import MODELS, RESULTS, ROOT, embedded_model, machine, markdown_table, write_result, write_section  # noqa: E402
+from report import (  # noqa: E402
+    MODELS,
+    RESULTS,
+    ROOT,
+    calibrated_linear_ag,
+    embedded_model,
+    machine,
+    markdown_table,
+    write_result,
+    write_section,
+)
 
 import diffguide as dg  # noqa: E402
-from diffguide.compare import calibrate_on_labels  # noqa: E402
 from diffguide.generation import generate_samples  # noqa: E402
 from diffguide.guidance.linear_ag import paper_schedule  # noqa: E402
 from diffguide.metrics import clipped_fraction, feature_frechet_distance  # noqa: E402
@@ -51,14 +60,7 @@ def rules_for(
     pipe, scale: float, steps: int, calibration: int, model: str = "digits"
 ) -> dict[str, dg.GuidanceRule]:
     """The rows of the table at one guidance scale, by name."""
-    prefix = "" if model == "digits" else f"{model}_"
-    saved = RESULTS / f"{prefix}linear_ag_w{scale:g}_{steps}steps.safetensors"
-    # calibrated once on other seeds and kept, so a table rewrite does not refit (nor change) it
-    if saved.exists():
-        linear_ag = dg.LinearAG.load(saved)
-    else:
-        linear_ag = calibrate_on_labels(pipe, scale, steps, calibration)
-        linear_ag.save(saved)
+    linear_ag = calibrated_linear_ag(model, pipe, scale, steps, calibration)
     return {
         "CFG": dg.CFG(),
         "APG eta=0 (projection only)": dg.APG(eta=0.0, norm_threshold=INF, momentum=0.0),

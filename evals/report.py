@@ -86,3 +86,21 @@ def load_split(name: str, split: str):
     import diffguide as dg
 
     return (dg.load_digits if name == "digits" else dg.load_fashion)(split)
+
+
+def calibrated_linear_ag(
+    model: str, pipe, scale: float, steps: int, trajectories: int = 200, space: str = "model_output"
+):
+    """LinearAG fitted on ``trajectories`` CFG runs of the embedded model ``model`` at (scale,
+    steps) in ``space``, kept in evals/results and loaded from there after the first fit, so a
+    table rewrite neither refits nor changes it."""
+    import diffguide as dg
+    from diffguide.compare import calibrate_on_labels
+
+    prefix = ("" if model == "digits" else f"{model}_") + ("" if space == "model_output" else "x0_")
+    path = RESULTS / f"{prefix}linear_ag_w{scale:g}_{steps}steps.safetensors"
+    if path.exists():
+        return dg.LinearAG.load(path)
+    rule = calibrate_on_labels(pipe, scale, steps, trajectories, space)
+    rule.save(path)
+    return rule
