@@ -359,8 +359,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.with_features and Path(args.folder).suffix == ".npz":
             raise UsageError("--with-features needs an image folder, not a statistics file")
         mu, sigma, features = _stats_or_features(args.folder, extractor, channels, size, key)
-        kept = features if args.with_features else None
-        written = save_stats(args.out, mu, sigma, key, features=None if kept is None else kept.numpy())
+        written = save_stats(
+            args.out, mu, sigma, key, features=features.numpy() if args.with_features else None
+        )
         print(
             f"wrote {written.resolve()} ({len(mu)}-d {key}{', with features' if args.with_features else ''})"
         )
