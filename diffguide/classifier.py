@@ -10,15 +10,25 @@ then paired, which removes most of the variance), and the prediction is ``argmin
 Models that predict something else are scored on the noise their output implies: for a
 flow-matching model, ``x_t = (1 - s) x0 + s eps`` at timestep ``t = s T`` and the velocity ``v``
 implies ``eps = x_t + (1 - s) v``, so its error is the velocity error weighted by ``(1 - s)^2``.
-Timesteps come from a strided grid, ``t_k = T // n // 2 + k * (T // n)``. Adaptive
-elimination runs in stages: after stage ``i`` (``n_samples[i]`` grid timesteps in all) only
-the ``keep[i]`` candidates with the lowest mean error go on; errors already computed are
-reused. The paper's settings are presets (``PRESETS``).
+Adaptive elimination runs in stages: after stage ``i`` (``n_samples[i]`` timesteps in all)
+only the ``keep[i]`` candidates with the lowest mean error go on; errors already computed are
+reused. The paper's settings are presets (``PRESETS``), on its strided grid
+``t_k = T // n // 2 + k * (T // n)``.
 
-Beyond the paper (``ClassifierSchedule.t_range`` and ``stop_z``): timesteps can be restricted
-to the band where classes differ most, and a stage can end the search early when the
-paired error difference between the best candidate and the runner-up is ``stop_z`` standard
-errors from zero.
+Beyond the paper:
+
+- ``order="stratified"``: the timesteps of every stage are the first ``n`` of one van der
+  Corput sequence over ``[0, T)``, ``t_i = floor((vdc(i) + 1/128) T)``. Each stage then spans
+  the whole range (a prefix of ``2^m`` points has one point in each of ``2^m`` equal strata)
+  and contains the earlier stages' timesteps, so no stage recomputes or leaves a gap.
+- ``stop_z``: a stage ends the search once the paired error difference between the best
+  candidate and the runner-up is ``stop_z`` standard errors from zero.
+- ``t_range``: restrict the timesteps to a band (tuned on one model, such a band does not
+  transfer to another: docs/BENCHMARKS.md, "Diffusion Classifier").
+
+The default (``DEFAULT_SCHEDULE``, the same for the Python API, the CLI and the demo) uses the
+whole range, stratified timesteps, staged elimination and the paired stop; it was chosen on
+train images of two models (evals/classifier.py --study).
 """
 
 from __future__ import annotations
@@ -31,9 +41,56 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .prediction import alpha_sigma, implied_noise, prediction_kind
+from .prediction import alpha_sigma, implied_noise, prediction_kind, uses_flow_sigmas
 
 LOSSES = ("l2", "l1", "huber")
+ORDERS = ("strided", "stratified")
+
+
+def van_der_corput(i: int) -> float:
+    """The i-th point of the base-2 van der Corput sequence: i's binary digits mirrored after
+    the point (0, 1/2, 1/4, 3/4, 1/8, ...)."""
+    value, weight = 0.0, 0.5
+    while i:
+        value += weight * (i & 1)
+        i >>= 1
+        weight /= 2
+    return value
+
+
+def timestep_grid(num_train_timesteps: int, n: int, t_range: tuple[int, int] | None = None) -> list[int]:
+    """The paper's strided grid of ``n`` timesteps, over ``[0, T)`` or ``t_range``."""
+    low, high = t_range if t_range is not None else (0, num_train_timesteps)
+    span = high - low
+    if n > span:
+        raise ValueError(f"cannot place {n} distinct timesteps in [{low}, {high})")
+    stride = span // n
+    return [low + stride // 2 + k * stride for k in range(n)]
+
+
+STRATIFIED_OFFSET = 1 / 128  # half a stratum of 64: no timestep at the range's edge
+
+
+def stratified_timesteps(
+    num_train_timesteps: int, n: int, t_range: tuple[int, int] | None = None
+) -> list[int]:
+    """The first ``n`` distinct timesteps ``floor((vdc(i) + 1/128) T)`` of the van der Corput
+    sequence over ``[0, T)`` (or ``t_range``). Any two calls share their common prefix, and a
+    prefix of ``2^m`` (m <= 6) has one timestep in each of ``2^m`` equal strata."""
+    low, high = t_range if t_range is not None else (0, num_train_timesteps)
+    span = high - low
+    if n > span:
+        raise ValueError(f"cannot place {n} distinct timesteps in [{low}, {high})")
+    timesteps: list[int] = []
+    seen: set[int] = set()
+    i = 0
+    while len(timesteps) < n:
+        t = low + min(span - 1, int((van_der_corput(i) + STRATIFIED_OFFSET) * span))
+        if t not in seen:
+            seen.add(t)
+            timesteps.append(t)
+        i += 1
+    return timesteps
 
 
 @dataclass(frozen=True)
@@ -41,18 +98,21 @@ class ClassifierSchedule:
     """Stages of adaptive elimination.
 
     Args:
-        n_samples: total grid timesteps evaluated per surviving candidate after each stage
+        n_samples: total timesteps evaluated per surviving candidate after each stage
             (increasing).
         keep: candidates kept after each stage (the last is usually 1).
-        t_range: ``(low, high)``: the grid spans ``[low, high)`` instead of ``[0, T)``.
+        t_range: ``(low, high)``: the timesteps lie in ``[low, high)`` instead of ``[0, T)``.
         stop_z: stop after any stage where the runner-up's paired error exceeds the best one's
             by ``stop_z`` standard errors (``None``: never stop early).
+        order: ``"strided"`` (the paper's grid of ``n`` per stage) or ``"stratified"``
+            (nested prefixes of one van der Corput sequence: :func:`stratified_timesteps`).
     """
 
     n_samples: tuple[int, ...]
     keep: tuple[int, ...]
     t_range: tuple[int, int] | None = None
     stop_z: float | None = None
+    order: str = "strided"
 
     def __post_init__(self):
         if not self.n_samples or len(self.n_samples) != len(self.keep):
@@ -64,29 +124,54 @@ class ClassifierSchedule:
             raise ValueError(f"n_samples must increase and start >= 1, got {self.n_samples}")
         if any(k < 1 for k in self.keep):
             raise ValueError(f"keep must be >= 1, got {self.keep}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.stop_z is not None and self.stop_z <= 0:
+            raise ValueError(f"stop_z must be > 0 (or None: never stop early), got {self.stop_z}")
+
+    def stage_timesteps(self, num_train_timesteps: int) -> list[list[int]]:
+        """The timesteps every surviving candidate has been evaluated at after each stage."""
+        if self.order == "stratified":
+            full = stratified_timesteps(num_train_timesteps, self.n_samples[-1], self.t_range)
+            return [full[:n] for n in self.n_samples]
+        stages, seen = [], []
+        for n in self.n_samples:  # the paper's grids do not nest: a stage adds its own grid
+            seen = sorted(set(seen) | set(timestep_grid(num_train_timesteps, n, self.t_range)))
+            stages.append(seen)
+        return stages
+
+    def max_nfe(self, num_classes: int, num_train_timesteps: int = 1000) -> int:
+        """Network evaluations per image when no stage stops early."""
+        total, seen, survivors = 0, set(), num_classes
+        for timesteps, keep in zip(self.stage_timesteps(num_train_timesteps), self.keep, strict=True):
+            total += survivors * len(set(timesteps) - seen)
+            seen |= set(timesteps)
+            survivors = min(survivors, keep)
+        return total
+
+    def describe(self) -> str:
+        """One line: stages, survivors, timesteps and stop."""
+        text = f"{self.n_samples} keep {self.keep}, {self.order}"
+        text += f" t in {self.t_range}" if self.t_range else " over [0, T)"
+        return text + (f", stop at z >= {self.stop_z:g}" if self.stop_z else "")
 
 
 PRESETS: dict[str, ClassifierSchedule] = {
+    # ours, the default: the whole range on nested stratified timesteps, every class at 8, the
+    # best 5 at 16, the best 3 at 32, the best 2 at 64, stopping once the runner-up is 3 paired
+    # standard errors behind (chosen on train images of the digits UNet and the fashion flow
+    # transformer: evals/classifier.py --study)
+    "adaptive": ClassifierSchedule((8, 16, 32, 64), (5, 3, 2, 1), stop_z=3.0, order="stratified"),
     # the paper's CIFAR-10 setting (with l1 there) and its ImageNet setting
     "paper-cifar10": ClassifierSchedule((50, 500), (5, 1)),
     "paper-imagenet": ClassifierSchedule((50, 100, 500, 1000), (500, 50, 10, 1)),
     # every candidate at every one of 500 grid timesteps: the cost every schedule is measured against
     "full": ClassifierSchedule((500,), (1,)),
-    # ours: only the band of timesteps where one timestep already separates the classes on the
-    # default model's train split (t in [600, 950), evals/classifier.py --probe), three
-    # elimination stages, and a stop once the paired margin is 3 standard errors
+    # the previous CLI default: a band of timesteps measured on the default model's train split
+    # (t in [600, 950)); kept for comparison, it does not transfer to other models
     "fast": ClassifierSchedule((5, 10, 20), (3, 2, 1), t_range=(600, 950), stop_z=3.0),
 }
-
-
-def timestep_grid(num_train_timesteps: int, n: int, t_range: tuple[int, int] | None = None) -> list[int]:
-    """The paper's strided grid of ``n`` timesteps, over ``[0, T)`` or ``t_range``."""
-    low, high = t_range if t_range is not None else (0, num_train_timesteps)
-    span = high - low
-    if n > span:
-        raise ValueError(f"cannot place {n} distinct timesteps in [{low}, {high})")
-    stride = span // n
-    return [low + stride // 2 + k * stride for k in range(n)]
+DEFAULT_SCHEDULE = "adaptive"
 
 
 def prediction_error(predicted: torch.Tensor, noise: torch.Tensor, loss: str) -> torch.Tensor:
@@ -113,14 +198,31 @@ def paired_margin_z(errors: torch.Tensor, best: int, runner_up: int) -> float:
 
 @dataclass
 class ClassificationResult:
-    """Per image: predicted label, mean error of every candidate (``inf`` once eliminated,
-    then the error at elimination is kept in ``errors``), margin to the runner-up, and NFE."""
+    """Per image: predicted label, mean error of every candidate (for an eliminated candidate,
+    its mean error when it was eliminated), margin to the runner-up, NFE and the timesteps the
+    winner was evaluated at."""
 
     labels: torch.Tensor
     errors: torch.Tensor
     margins: torch.Tensor
     nfe: torch.Tensor
     timesteps_used: list[list[int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def concat(cls, results: Sequence[ClassificationResult]) -> ClassificationResult:
+        """The results of consecutive shards of one image set, as one result."""
+        if not results:
+            raise ValueError("no results to concatenate")
+        return cls(
+            torch.cat([r.labels for r in results]),
+            torch.cat([r.errors for r in results]),
+            torch.cat([r.margins for r in results]),
+            torch.cat([r.nfe for r in results]),
+            [t for r in results for t in r.timesteps_used],
+        )
 
 
 class _Conditioner:
@@ -132,32 +234,63 @@ class _Conditioner:
         if self.denoiser is None:
             raise TypeError(f"{type(pipe).__name__} has no unet or transformer to classify with")
         self.vae = getattr(pipe, "vae", None)
-        self.text_embeddings = None
+        config = self.denoiser.config
+        self.text_embeddings = self.pooled_embeddings = None
+        self.text_kind = None
         if hasattr(pipe, "encode_prompt"):
+            self.text_kind = self._text_kind(pipe)
             if prompts is None:
                 if class_names is None:
                     raise ValueError(
                         "a text-conditional pipeline needs prompts= or class_names= (one per class)"
                     )
                 prompts = [prompt_template.format(name) for name in class_names]
-            self.text_embeddings = self._encode_prompts(list(prompts))
+            self._encode_prompts(list(prompts))
             self.num_classes = len(prompts)
-        elif getattr(self.denoiser.config, "num_class_embeds", None):  # UNet2DModel with a null class
-            self.num_classes = getattr(pipe, "num_classes", self.denoiser.config.num_class_embeds - 1)
-        elif getattr(self.denoiser.config, "num_embeds_ada_norm", None):  # DiT: labels in ada-norm
-            self.num_classes = self.denoiser.config.num_embeds_ada_norm
+        elif getattr(config, "num_class_embeds", None):  # UNet2DModel with a null class
+            self.num_classes = getattr(pipe, "num_classes", config.num_class_embeds - 1)
+        elif getattr(config, "num_embeds_ada_norm", None):  # DiT: labels in ada-norm
+            self.num_classes = config.num_embeds_ada_norm
         else:
             raise TypeError(
                 f"{type(pipe).__name__}'s denoiser takes no class labels or text: nothing to classify by. "
-                "Supported: class-conditional UNet2DModel (DigitsPipeline), DiT, and SD-type text pipelines"
+                "Supported: class-conditional UNet2DModel (DigitsPipeline), DiT, and SD / SDXL / SD3 text pipelines"
             )
         if class_names is not None and len(class_names) != self.num_classes:
             raise ValueError(f"{len(class_names)} class names for {self.num_classes} classes")
 
+    def _text_kind(self, pipe) -> str:
+        name = type(self.denoiser).__name__
+        if name == "SD3Transformer2DModel":
+            return "sd3"  # it takes the scheduler timestep s * T, as the grid's t
+        if getattr(self.denoiser.config, "addition_embed_type", None) == "text_time":
+            return "sdxl"
+        if name.startswith("UNet2DCondition"):
+            return "sd"
+        # Flux and Qwen-Image pack latents into tokens and take t / 1000, Lumina 1 - t / 1000,
+        # each with its own position ids: none is wired here
+        raise TypeError(
+            f"{type(pipe).__name__} ({name}) is not supported by the Diffusion Classifier yet: "
+            "its denoiser's inputs (packed latents, timestep convention) are not wired; supported text "
+            "pipelines are SD, SDXL and SD3"
+        )
+
     @torch.no_grad()
-    def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        encoded = self.pipe.encode_prompt(prompts, self.pipe.device, 1, False)
-        return encoded[0]
+    def _encode_prompts(self, prompts: list[str]) -> None:
+        device = self.pipe.device
+        if self.text_kind == "sd":
+            self.text_embeddings = self.pipe.encode_prompt(prompts, device, 1, False)[0]
+            return
+        if self.text_kind == "sdxl":
+            encoded = self.pipe.encode_prompt(
+                prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        else:
+            encoded = self.pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                num_images_per_prompt=1, do_classifier_free_guidance=False,
+            )  # fmt: skip
+        self.text_embeddings, self.pooled_embeddings = encoded[0], encoded[2]
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -171,9 +304,10 @@ class _Conditioner:
         x = images * 2 - 1
         if self.vae is None:
             return x
-        latents = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean
+        x = x.to(device=self.vae.device, dtype=self.vae.dtype)
+        latents = self.vae.encode(x).latent_dist.mean
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
+        return ((latents - shift) * self.vae.config.scaling_factor).float().cpu()
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -184,8 +318,24 @@ class _Conditioner:
 
     @torch.no_grad()
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        if self.text_embeddings is not None:
+        if self.text_kind == "sd":
             out = self.denoiser(x_t, t, encoder_hidden_states=self.text_embeddings[classes]).sample
+        elif self.text_kind == "sdxl":
+            height, width = (
+                side * 2 ** (len(self.vae.config.block_out_channels) - 1) for side in x_t.shape[-2:]
+            )
+            # original size, crop offset, target size: the image as it is, uncropped
+            time_ids = torch.tensor([height, width, 0, 0, height, width], device=x_t.device)
+            added = {"text_embeds": self.pooled_embeddings[classes],
+                     "time_ids": time_ids.to(x_t.dtype).expand(len(x_t), 6)}  # fmt: skip
+            out = self.denoiser(
+                x_t, t, encoder_hidden_states=self.text_embeddings[classes], added_cond_kwargs=added
+            ).sample
+        elif self.text_kind == "sd3":
+            out = self.denoiser(
+                hidden_states=x_t, timestep=t.to(x_t.dtype), encoder_hidden_states=self.text_embeddings[classes],
+                pooled_projections=self.pooled_embeddings[classes],
+            ).sample  # fmt: skip
         elif getattr(self.denoiser.config, "num_class_embeds", None):
             out = self.denoiser(x_t, t, class_labels=classes).sample
         else:
@@ -193,14 +343,30 @@ class _Conditioner:
         return out[:, : x_t.shape[1]]  # drop a learned-variance half
 
 
+@dataclass
+class _Search:
+    """One image's adaptive search: surviving candidates, errors computed so far, NFE."""
+
+    candidates: list[int]
+    computed: dict[tuple[int, int], float] = field(default_factory=dict)
+    final: torch.Tensor | None = None
+    nfe: int = 0
+    timesteps: list[int] = field(default_factory=list)
+    done: bool = False
+
+
 class DiffusionClassifier:
     """Classify images by which condition best predicts the noise added to them.
 
     Args:
-        pipe: DigitsPipeline, a DiT pipeline, or an SD-type text-to-image pipeline.
-        schedule: a preset name (``PRESETS``) or a :class:`ClassifierSchedule`.
+        pipe: DigitsPipeline, ClassConditionalTransformerPipeline, a DiT pipeline, or an SD,
+            SDXL or SD3 text-to-image pipeline.
+        schedule: a preset name (``PRESETS``; default ``DEFAULT_SCHEDULE``) or a
+            :class:`ClassifierSchedule`.
         loss: ``"l2"`` (default), ``"l1"`` or ``"huber"``; mean over elements, no t weighting.
-        batch_size: rows (candidate x timestep) per network call.
+        batch_size: rows (image x candidate x timestep) per network call; bounds the memory.
+        images_per_batch: images whose searches advance together, so that their rows fill
+            the network calls.
         seed: seeds the noise; the noise at timestep t is the same for every image and class.
         prompts / class_names / prompt_template: text pipelines: one prompt per class, or names
             filled into ``prompt_template``.
@@ -209,13 +375,14 @@ class DiffusionClassifier:
     def __init__(
         self,
         pipe,
-        schedule: str | ClassifierSchedule = "paper-cifar10",
+        schedule: str | ClassifierSchedule = DEFAULT_SCHEDULE,
         loss: str = "l2",
         batch_size: int = 500,
         seed: int = 0,
         prompts: Sequence[str] | None = None,
         class_names: Sequence[str] | None = None,
         prompt_template: str = "a photo of a {}",
+        images_per_batch: int = 32,
     ):
         if isinstance(schedule, str):
             if schedule not in PRESETS:
@@ -223,24 +390,26 @@ class DiffusionClassifier:
             schedule = PRESETS[schedule]
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 1 or images_per_batch < 1:
+            raise ValueError(
+                f"batch_size and images_per_batch must be >= 1, got {batch_size} and {images_per_batch}"
+            )
         self.pipe = pipe
         self.schedule = schedule
         self.loss = loss
         self.batch_size = batch_size
+        self.images_per_batch = images_per_batch
         self.seed = seed
         self.conditioner = _Conditioner(pipe, prompts, prompt_template, class_names)
         self.scheduler = pipe.scheduler
         self.kind = prediction_kind(self.scheduler)
-        if self.kind in ("flow", "reverse_flow") and self.conditioner.text_embeddings is not None:
-            # their denoisers take other timestep conventions (Flux t/1000, Lumina 1 - t/1000)
-            # and other prompt encoders; only class-label flow models are wired here
+        if self.kind in ("flow", "reverse_flow") and self.conditioner.text_kind not in (None, "sd3"):
             raise TypeError(
-                f"{type(pipe).__name__}: text-conditional flow-matching pipelines are not supported by the "
-                "Diffusion Classifier yet; class-label flow models (ClassConditionalTransformerPipeline) are"
+                f"{type(pipe).__name__}: a flow-matching scheduler on a {self.conditioner.text_kind.upper()} "
+                "denoiser is not supported; use its own scheduler"
             )
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
+        self._stages = schedule.stage_timesteps(self.num_train_timesteps)
         self._noise: dict[int, torch.Tensor] = {}
 
     @property
@@ -267,74 +436,137 @@ class DiffusionClassifier:
             )
         return images
 
-    def _errors(self, x0: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
-        """Errors of (class, t) pairs for one encoded image x0 (C, H, W), batched."""
-        device = next(self.conditioner.denoiser.parameters()).device
-        dtype = next(self.conditioner.denoiser.parameters()).dtype
+    def row_errors(self, x0s: torch.Tensor, rows: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+        """The error of each ``(image index, class, timestep)`` row for encoded images ``x0s``,
+        ``batch_size`` rows per network call."""
+        parameter = next(self.conditioner.denoiser.parameters())
+        device, dtype = parameter.device, parameter.dtype
         out = []
-        for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start : start + self.batch_size]
-            classes = torch.tensor([c for c, _ in chunk], device=device)
-            t = torch.tensor([t for _, t in chunk])
-            noise = torch.stack([self.noise_at(int(tt)) for tt in t]).to(device)
-            alpha, sigma = alpha_sigma(self.scheduler, t)
-            a, s = (v.reshape(-1, 1, 1, 1).to(device) for v in (alpha, sigma))
-            x_t = (a * x0.double().to(device) + s * noise.double()).to(dtype)
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            images = torch.tensor([i for i, _, _ in chunk])
+            classes = torch.tensor([c for _, c, _ in chunk], device=device)
+            t = torch.tensor([t for _, _, t in chunk])
+            noise = torch.stack([self.noise_at(int(tt)) for tt in t]).to(device, torch.float64)
+            alpha, sigma = (v.to(device) for v in self._noise_levels(t))
+            x0 = x0s[images].to(device, torch.float64)
+            x_t = (alpha.reshape(-1, 1, 1, 1) * x0 + sigma.reshape(-1, 1, 1, 1) * noise).to(dtype)
             output = self.conditioner.predict(x_t, t.to(device), classes).double()
             # v, sample and flow models are scored on the noise their prediction implies
-            predicted = implied_noise(output, x_t.double(), alpha.to(device), sigma.to(device), self.kind)
+            predicted = implied_noise(output, x_t.double(), alpha, sigma, self.kind)
             out.append(prediction_error(predicted.float(), noise.float(), self.loss).cpu())
         return torch.cat(out) if out else torch.empty(0)
+
+    def _noise_levels(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float64 (alpha, sigma) at integer training timesteps, from the schedule alone (not
+        from a sampling run's current step, which k-diffusion-style schedulers would read)."""
+        if uses_flow_sigmas(self.scheduler):
+            return alpha_sigma(self.scheduler, t)
+        abar = torch.as_tensor(self.scheduler.alphas_cumprod, dtype=torch.float64).cpu()[t.long()]
+        return abar.sqrt(), (1 - abar).sqrt()
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor, progress: bool = False) -> ClassificationResult:
         """Predicted labels, per-class mean errors, runner-up margins and NFE for each image."""
         images = self._check_images(images)
-        x0s = torch.cat([self.conditioner.encode(images[i : i + 64]) for i in range(0, len(images), 64)])
-        labels, errors, margins, nfe, used = [], [], [], [], []
-        for x0 in tqdm(x0s, desc="classifying", unit="img", disable=not progress):
-            label, mean_errors, margin, count, timesteps = self._classify_one(x0)
-            labels.append(label)
-            errors.append(mean_errors)
-            margins.append(margin)
-            nfe.append(count)
-            used.append(timesteps)
-        return ClassificationResult(
-            torch.tensor(labels), torch.stack(errors), torch.tensor(margins), torch.tensor(nfe), used
-        )
+        results = []
+        with tqdm(total=len(images), desc="classifying", unit="img", disable=not progress) as bar:
+            for start in range(0, len(images), self.images_per_batch):
+                x0s = self.conditioner.encode(images[start : start + self.images_per_batch])
+                results.append(self._classify_batch(x0s))
+                bar.update(len(x0s))
+        return ClassificationResult.concat(results)
 
-    def _classify_one(self, x0: torch.Tensor):
-        schedule = self.schedule
-        candidates = list(range(self.num_classes))
-        # errors[c][t]: computed once, reused by later stages
-        computed: dict[int, dict[int, float]] = {c: {} for c in candidates}
-        final = torch.full((self.num_classes,), float("inf"))
-        nfe = 0
-        timesteps: list[int] = []
-        for n, keep in zip(schedule.n_samples, schedule.keep, strict=True):
-            grid = timestep_grid(self.num_train_timesteps, n, schedule.t_range)
-            timesteps = sorted(set(timesteps) | set(grid))
-            pairs = [(c, t) for c in candidates for t in timesteps if t not in computed[c]]
-            for (c, t), error in zip(pairs, self._errors(x0, pairs).tolist(), strict=True):
-                computed[c][t] = error
-            nfe += len(pairs)
-            matrix = torch.tensor(
-                [[computed[c][t] for t in timesteps] for c in candidates], dtype=torch.float64
-            )
-            means = matrix.mean(1)
-            final[candidates] = means.float()
-            order = means.argsort().tolist()
-            confident = (
-                schedule.stop_z is not None
-                and len(order) > 1
-                and paired_margin_z(matrix, order[0], order[1]) >= schedule.stop_z
-            )
-            candidates = [candidates[i] for i in order[: max(1, min(keep, len(order)))]]
-            if confident or len(candidates) == 1:
-                candidates = candidates[:1]
-                break
-        best = candidates[0]
-        others = final.clone()
-        others[best] = float("inf")
-        margin = float(others.min() - final[best]) if torch.isfinite(others.min()) else float("inf")
-        return best, final, margin, nfe, timesteps
+    def _classify_batch(self, x0s: torch.Tensor) -> ClassificationResult:
+        searches = [_Search(list(range(self.num_classes))) for _ in range(len(x0s))]
+        for timesteps, keep in zip(self._stages, self.schedule.keep, strict=True):
+            active = [i for i, search in enumerate(searches) if not search.done]
+            rows = [
+                (i, c, t)
+                for i in active
+                for c in searches[i].candidates
+                for t in timesteps
+                if (c, t) not in searches[i].computed
+            ]
+            for (i, c, t), error in zip(rows, self.row_errors(x0s, rows).tolist(), strict=True):
+                searches[i].computed[c, t] = error
+                searches[i].nfe += 1
+            for i in active:
+                self._advance(searches[i], timesteps, keep)
+        for search in searches:  # a schedule whose last stage keeps several: the best of them
+            search.candidates = search.candidates[:1]
+        labels = [s.candidates[0] for s in searches]
+        finals = torch.stack([s.final for s in searches])
+        others = finals.clone()
+        others[torch.arange(len(labels)), labels] = float("inf")
+        margins = others.min(1).values - finals[torch.arange(len(labels)), labels]
+        return ClassificationResult(
+            torch.tensor(labels), finals, margins, torch.tensor([s.nfe for s in searches]),
+            [s.timesteps for s in searches],
+        )  # fmt: skip
+
+    def _advance(self, search: _Search, timesteps: list[int], keep: int) -> None:
+        """Rank the survivors on this stage's timesteps, keep the best ``keep``, stop if sure."""
+        matrix = torch.tensor(
+            [[search.computed[c, t] for t in timesteps] for c in search.candidates], dtype=torch.float64
+        )
+        means = matrix.mean(1)
+        if search.final is None:
+            search.final = torch.full((self.num_classes,), float("inf"))
+        search.final[search.candidates] = means.float()
+        order = means.argsort().tolist()
+        confident = (
+            self.schedule.stop_z is not None
+            and len(order) > 1
+            and paired_margin_z(matrix, order[0], order[1]) >= self.schedule.stop_z
+        )
+        search.candidates = [search.candidates[j] for j in order[: max(1, min(keep, len(order)))]]
+        search.timesteps = list(timesteps)
+        if confident or len(search.candidates) == 1:
+            search.candidates = search.candidates[:1]
+            search.done = True
+
+
+def shard_bounds(count: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, end)`` shares of ``count`` items over ``num_shards`` shards, the
+    first ``count % num_shards`` one item larger."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    size, extra = divmod(count, num_shards)
+    bounds, start = [], 0
+    for shard in range(num_shards):
+        end = start + size + (shard < extra)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def process_state():
+    """accelerate's ``PartialState`` of this process: one process, or one of those that
+    ``accelerate launch`` / ``torchrun`` started (on CPU, gloo)."""
+    from accelerate import PartialState
+
+    # without cpu=True, accelerate treats processes launched on a CPU-only machine as one
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def classify_sharded(
+    classifier: DiffusionClassifier, images: torch.Tensor, progress: bool = False
+) -> ClassificationResult:
+    """Classify ``images`` across the processes of ``accelerate launch``: each process takes a
+    contiguous share, and every process gets the whole result back in order. In one process,
+    the same as ``classifier.classify(images)``. Each image's search depends only on that image
+    and the seed, so the merged result equals the one-process result."""
+    from accelerate.utils import gather_object
+
+    state = process_state()
+    if state.num_processes == 1:
+        return classifier.classify(images, progress=progress)
+    start, end = shard_bounds(len(images), state.num_processes)[state.process_index]
+    mine = (
+        classifier.classify(images[start:end], progress=progress and state.is_main_process)
+        if end > start
+        else None
+    )
+    shares = gather_object([mine])
+    return ClassificationResult.concat([share for share in shares if share is not None])

@@ -255,8 +255,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    if args.model != "default":
-        raise UsageError(f"--model {args.model!r}: only the embedded 'default' model is supported so far")
     from .classifier import PRESETS
 
     if args.schedule not in PRESETS:
@@ -277,18 +275,26 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
     import json
 
-    from .classifier import DiffusionClassifier
+    from .classifier import DiffusionClassifier, classify_sharded, process_state
     from .metrics.features import load_image_files
-    from .models import load_default_pipeline
+    from .models import load_pipeline
 
-    pipe = load_default_pipeline()
-    channels, height, _ = pipe.image_shape
+    try:
+        pipe = load_pipeline(
+            "digits" if args.model == "default" else args.model, device=process_state().device
+        )
+        classifier = DiffusionClassifier(pipe, schedule=args.schedule, seed=args.seed)
+    except (FileNotFoundError, OSError, ValueError, TypeError) as err:
+        raise UsageError(f"--model {args.model}: {str(err).splitlines()[0]}") from None
+    channels, height, width = classifier.conditioner.image_shape
     try:
         images = load_image_files(files, channels=channels, size=height)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    classifier = DiffusionClassifier(pipe, schedule=args.schedule, seed=args.seed)
-    result = classifier.classify(images, progress=len(files) > 1)
+    # under `accelerate launch`, each process classifies a share and the first one prints
+    result = classify_sharded(classifier, images, progress=len(files) > 1)
+    if not _is_main_process():
+        return 0
     rows = [
         {"image": str(path), "label": int(label), "margin": float(margin), "nfe": int(nfe)}
         for path, label, margin, nfe in zip(files, result.labels, result.margins, result.nfe, strict=True)
@@ -301,6 +307,12 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                 f"{row['image']}: {row['label']} (margin {row['margin']:.4f} to the runner-up, {row['nfe']} NFE)"
             )
     return 0
+
+
+def _is_main_process() -> bool:
+    from .classifier import process_state
+
+    return process_state().is_main_process
 
 
 def _features_extractor(name: str, inception_weights: str | None = None):
@@ -589,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--dtype", default="float32", choices=DTYPES, help="weights' dtype (default float32)"
         )
 
+    from .classifier import DEFAULT_SCHEDULE, PRESETS
     from .guidance import METHODS
 
     sample = sub.add_parser("sample", help="sample a pipeline under one guidance method to a labelled grid")
@@ -613,9 +626,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     classify = sub.add_parser("classify", help="zero-shot classification with the diffusion model")
     classify.add_argument("images", nargs="+", help="image files or folders")
-    classify.add_argument("--model", default="default")
     classify.add_argument(
-        "--schedule", default="fast", help="fast (default), paper-cifar10, paper-imagenet, full"
+        "--model",
+        default="default",
+        help="an embedded class-label model (default, fashion) or a pipeline folder",
+    )
+    classify.add_argument(
+        "--schedule", default=DEFAULT_SCHEDULE, help=f"{', '.join(PRESETS)} (default {DEFAULT_SCHEDULE})"
     )
     classify.add_argument("--seed", type=int, default=0)
     classify.add_argument("--json", action="store_true", help="print JSON instead of lines")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from diffguide.app import core
+from diffguide.classifier import DEFAULT_SCHEDULE
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -471,7 +472,9 @@ def test_app_classify_tab(client, tmp_path):
     path = tmp_path / "drawn.png"
     PIL.Image.fromarray(_drawn(images[1])).save(path)
     sketch = {"background": None, "layers": [], "composite": handle_file(str(path))}
-    preview, errors, judge, summary = client.predict(sketch, None, "fast", "default", api_name="/classify")
+    preview, errors, judge, summary = client.predict(
+        sketch, None, DEFAULT_SCHEDULE, "default", api_name="/classify"
+    )
     assert judge["label"] == str(int(labels[1]))
     assert f"Diffusion Classifier: **{int(labels[1])}**" in summary
 
@@ -497,7 +500,7 @@ def test_app_shows_bad_input_as_a_message_and_keeps_serving(client, registry):
         client.predict(
             {"background": None, "layers": [], "composite": None},
             None,
-            "fast",
+            DEFAULT_SCHEDULE,
             "default",
             api_name="/classify",
         )

@@ -216,14 +216,160 @@ def test_the_flow_transformer_pipeline_is_classified_through_its_velocity():
     assert result.nfe.tolist() == [30]
 
 
-def test_text_conditional_flow_pipelines_are_refused_with_the_reason():
+def test_text_pipelines_with_unwired_denoisers_are_refused_with_the_reason():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    transformer = torch.nn.Linear(1, 1)
+    class FluxTransformer2DModel(torch.nn.Linear):  # stands in by name: packed latents, t / 1000
+        pass
+
+    transformer = FluxTransformer2DModel(1, 1)
     transformer.config = SimpleNamespace(sample_size=8, in_channels=4)
     pipe = SimpleNamespace(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), device="cpu",
         encode_prompt=lambda prompts, *args: (torch.zeros(len(prompts), 3, 4),),
     )  # fmt: skip
-    with pytest.raises(TypeError, match="text-conditional flow-matching pipelines are not supported"):
+    with pytest.raises(TypeError, match=r"FluxTransformer2DModel\) is not supported .* SD, SDXL and SD3"):
         DiffusionClassifier(pipe, prompts=["a cat", "a dog"])
+
+
+def test_the_api_cli_and_demo_default_to_the_same_schedule():
+    import inspect
+
+    from diffguide.app import core
+    from diffguide.classifier import DEFAULT_SCHEDULE, PRESETS
+    from diffguide.cli import build_parser
+
+    classify = build_parser()._subparsers._group_actions[0].choices["classify"]
+    assert classify.get_default("schedule") == DEFAULT_SCHEDULE
+    assert inspect.signature(DiffusionClassifier).parameters["schedule"].default == DEFAULT_SCHEDULE
+    assert inspect.signature(core.classify).parameters["schedule"].default is None  # -> DEFAULT_SCHEDULE
+    default = PRESETS[DEFAULT_SCHEDULE]
+    # it must not lean on a band of timesteps measured on one model
+    assert default.t_range is None and default.order == "stratified"
+
+
+def test_stratified_timesteps_nest_and_put_one_in_each_stratum():
+    from diffguide.classifier import stratified_timesteps
+
+    timesteps = stratified_timesteps(1000, 64)
+    assert len(set(timesteps)) == 64 and all(0 <= t < 1000 for t in timesteps)
+    for m in range(7):  # each prefix of 2^m has one timestep in each of 2^m equal strata
+        prefix = timesteps[: 2**m]
+        assert sorted(t * 2**m // 1000 for t in prefix) == list(range(2**m))
+    # a schedule's stages are prefixes of one sequence, so no stage recomputes
+    stages = ClassifierSchedule((8, 16, 32), (5, 2, 1), order="stratified").stage_timesteps(1000)
+    assert stages[0] == stages[1][:8] and stages[1] == stages[2][:16]
+    assert stratified_timesteps(1000, 4, t_range=(200, 600)) == [203, 403, 303, 503]
+
+
+class PlantedSchedulePipe:
+    """A planted denoiser for a set of images: the exact noise for the image's own class; for
+    another class c, the noise plus ``offsets[c]`` at the timesteps in ``where[c]`` (all if
+    ``where`` is None). It knows the classifier's noise (``use_noise_of``) and recovers which
+    image a row came from as the one that x_t minus that noise leaves."""
+
+    def __init__(self, images, labels, offsets, where=None):
+        self.scheduler = DDIMScheduler()
+        self.num_classes = len(offsets)
+        pipe, abar, x0s = self, self.scheduler.alphas_cumprod, images * 2 - 1
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.weight = torch.nn.Parameter(torch.zeros(()))
+                self.config = SimpleNamespace(
+                    num_class_embeds=len(offsets) + 1,
+                    sample_size=images.shape[-1],
+                    in_channels=images.shape[1],
+                )
+
+            def forward(self, x_t, t, class_labels):
+                noise = torch.stack([pipe.noise_at(int(tt)) for tt in t])
+                a = abar[t].reshape(-1, 1, 1, 1)
+                x0 = (x_t - (1 - a).sqrt() * noise) / a.sqrt()
+                image = torch.cdist(x0.flatten(1), x0s.flatten(1)).argmin(1)
+                shift = torch.zeros(len(x_t))
+                for r, (c, tt, i) in enumerate(
+                    zip(class_labels.tolist(), t.tolist(), image.tolist(), strict=True)
+                ):
+                    if c != int(labels[i]) and (where is None or tt in where[c]):
+                        shift[r] = offsets[c]
+                return SimpleNamespace(sample=noise + shift.reshape(-1, 1, 1, 1))
+
+        self.unet = Net()
+
+    def classifier(self, **kwargs) -> DiffusionClassifier:
+        classifier = DiffusionClassifier(self, **kwargs)
+        self.noise_at = classifier.noise_at
+        return classifier
+
+
+def test_the_default_schedule_classifies_a_planted_exact_denoiser_with_the_predicted_cost():
+    from diffguide.classifier import DEFAULT_SCHEDULE, PRESETS
+
+    schedule = PRESETS[DEFAULT_SCHEDULE]
+    images = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(12) % 10
+    # clear case: every wrong class is off at every timestep -> certain after the first stage
+    pipe = PlantedSchedulePipe(images, labels, offsets=[0.5 + 0.05 * c for c in range(10)])
+    result = pipe.classifier(images_per_batch=5).classify(images)
+    assert result.labels.tolist() == labels.tolist()
+    assert result.nfe.tolist() == [10 * schedule.n_samples[0]] * 12
+    # hard case: each wrong class differs from the true one at a single timestep, so no stage
+    # is sure (z ~ 1) and every stage runs; the true class still wins, at the full cost
+    first = schedule.stage_timesteps(1000)[0]
+    where = [{first[c % len(first)]} for c in range(10)]
+    pipe = PlantedSchedulePipe(images, labels, offsets=[0.5] * 10, where=where)
+    result = pipe.classifier(images_per_batch=5).classify(images)
+    assert result.labels.tolist() == labels.tolist()
+    assert result.nfe.tolist() == [schedule.max_nfe(10)] * 12 == [10 * 8 + 5 * 8 + 3 * 16 + 2 * 32] * 12
+
+
+def test_sharded_classification_equals_one_process(tiny_pipe):
+    from diffguide.classifier import ClassificationResult, shard_bounds
+
+    images = torch.rand(7, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    schedule = ClassifierSchedule((2, 4, 8), (4, 2, 1), stop_z=2.0, order="stratified")
+    whole = DiffusionClassifier(tiny_pipe, schedule=schedule).classify(images)
+    assert shard_bounds(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    for shards in (2, 3, 7):
+        parts = [
+            DiffusionClassifier(tiny_pipe, schedule=schedule, images_per_batch=2).classify(images[a:b])
+            for a, b in shard_bounds(len(images), shards)
+        ]
+        merged = ClassificationResult.concat(parts)
+        assert merged.labels.tolist() == whole.labels.tolist() and merged.nfe.tolist() == whole.nfe.tolist()
+        torch.testing.assert_close(merged.errors, whole.errors, rtol=1e-5, atol=1e-6)
+        assert merged.timesteps_used == whole.timesteps_used
+
+
+def test_sd3_and_sdxl_text_paths_score_each_prompt():
+    from tiny_pipelines import tiny_sd3, tiny_sdxl
+
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    pipe = tiny_sd3()
+    classifier = DiffusionClassifier(
+        pipe, schedule=ClassifierSchedule((2,), (1,)), prompts=["a cat", "a dog"]
+    )
+    result = classifier.classify(image)
+    assert result.nfe.tolist() == [2 * 2] and result.errors.shape == (1, 2)
+    # by hand for the dog prompt: x_s = (1 - s) x0 + s eps, eps implied by the velocity as eps = x_s + (1 - s) v
+    x0 = classifier.conditioner.encode(image)[0].double()
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt=["a dog"], prompt_2=None, prompt_3=None, do_classifier_free_guidance=False
+    )
+    errors = []
+    for t in timestep_grid(1000, 2):
+        s, noise = t / 1000, classifier.noise_at(t).double()
+        x_s = ((1 - s) * x0 + s * noise).float()[None]
+        with torch.no_grad():
+            v = pipe.transformer(
+                hidden_states=x_s, timestep=torch.tensor([float(t)]), encoder_hidden_states=embeds,
+                pooled_projections=pooled,
+            ).sample[0].double()  # fmt: skip
+        errors.append(((x_s[0].double() + (1 - s) * v - noise) ** 2).mean().item())
+    assert result.errors[0, 1].item() == pytest.approx(sum(errors) / 2, rel=1e-4)
+    result = DiffusionClassifier(
+        tiny_sdxl(), schedule=ClassifierSchedule((2,), (1,)), class_names=["cat", "dog", "car"]
+    ).classify(image)
+    assert result.nfe.tolist() == [3 * 2] and torch.isfinite(result.errors).all()

@@ -6,6 +6,7 @@ import sys
 import PIL.Image
 import pytest
 
+from diffguide.classifier import DEFAULT_SCHEDULE, PRESETS
 from diffguide.cli import main, parse_labels
 
 
@@ -122,7 +123,45 @@ def test_classify_reads_images_and_prints_labels_with_margins(tmp_path, capsys):
     assert main(["classify", str(folder), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [row["label"] for row in rows] == [int(labels[i]) for i in (0, 100, 200)]
-    assert all(row["margin"] > 0 and 0 < row["nfe"] <= 85 for row in rows)
+    default = PRESETS[DEFAULT_SCHEDULE]
+    assert all(
+        row["margin"] > 0 and 10 * default.n_samples[0] <= row["nfe"] <= default.max_nfe(10) for row in rows
+    )
+
+
+def test_classify_under_two_processes_prints_what_one_process_does(tmp_path):
+    """`accelerate launch` over two processes (gloo on CPU): each classifies a share, the first
+    prints all of them, in order, as one process would."""
+    import json
+
+    import numpy as np
+    import torch
+    from conftest import default_sampling_scheduler, tiny_digits_unet
+
+    import diffguide as dg
+
+    model = tmp_path / "model"
+    dg.DigitsPipeline(unet=tiny_digits_unet(), scheduler=default_sampling_scheduler()).save_pretrained(model)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(torch.rand(5, 8, 8, generator=torch.Generator().manual_seed(0))):
+        PIL.Image.fromarray((image.numpy() * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    args = ["-m", "diffguide", "classify", str(folder), "--model", str(model), "--json"]
+    one = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    two = subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    rows_one, rows_two = json.loads(one.stdout), json.loads(two.stdout)
+    assert (
+        [r["image"] for r in rows_two]
+        == [r["image"] for r in rows_one]
+        == sorted(r["image"] for r in rows_one)
+    )
+    assert [(r["label"], r["nfe"]) for r in rows_two] == [(r["label"], r["nfe"]) for r in rows_one]
+    assert [r["margin"] for r in rows_two] == pytest.approx(
+        [r["margin"] for r in rows_one], rel=1e-4, abs=1e-6
+    )
 
 
 def test_classify_bad_input_exits_with_one_line(tmp_path, capsys):

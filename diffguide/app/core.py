@@ -444,12 +444,13 @@ class Classification:
 
 
 def classify(
-    registry: ModelRegistry, image, model_name: str = DEFAULT_MODEL, schedule: str = "fast"
+    registry: ModelRegistry, image, model_name: str = DEFAULT_MODEL, schedule: str | None = None
 ) -> Classification:
     """Classify a sketch with the Diffusion Classifier of a class-label model and with the judge
-    of its data."""
-    from ..classifier import PRESETS, DiffusionClassifier
+    of its data; ``schedule`` is a preset name, the classifier's default if None."""
+    from ..classifier import DEFAULT_SCHEDULE, PRESETS, DiffusionClassifier
 
+    schedule = DEFAULT_SCHEDULE if schedule is None else schedule
     if schedule not in PRESETS:
         raise AppError(f"unknown schedule {schedule!r}; choose from {', '.join(PRESETS)}")
     model = registry.get(model_name)

@@ -11,6 +11,7 @@ import functools
 import inspect
 import logging
 
+from ..classifier import DEFAULT_SCHEDULE
 from ..guidance import METHODS, Method, Param
 from . import core
 
@@ -302,7 +303,7 @@ def build_app(registry: core.ModelRegistry | None = None):
                         label="or upload an image of one", type="numpy", sources=["upload"], height=160
                     )
                     k_schedule = gr.Dropdown(
-                        ["fast", "paper-cifar10", "full"], value="fast", label="schedule"
+                        [DEFAULT_SCHEDULE, "paper-cifar10", "full"], value=DEFAULT_SCHEDULE, label="schedule"
                     )
                     k_model = gr.Dropdown(
                         registry.names, value=core.DEFAULT_MODEL, label="model (class labels)"

@@ -380,13 +380,15 @@ def default_unet(sample_size: int = 28, num_classes: int = 10) -> UNet2DModel:
     )
 
 
-def default_scheduler_config() -> dict[str, Any]:
-    """The noise schedule the default model is trained with (1,000 steps, cosine)."""
-    return {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon"}
+def default_scheduler_config(beta_schedule: str = "squaredcos_cap_v2") -> dict[str, Any]:
+    """The noise schedule the default model is trained with (1,000 steps, cosine; another
+    diffusers ``beta_schedule`` such as ``"linear"`` for other digits models)."""
+    return {"num_train_timesteps": 1000, "beta_schedule": beta_schedule, "prediction_type": "epsilon"}
 
 
-def default_sampling_scheduler() -> DDIMScheduler:
-    """DDIM over the training schedule: the pipeline's default sampler.
+def default_sampling_scheduler(beta_schedule: str = "squaredcos_cap_v2") -> DDIMScheduler:
+    """DDIM over the training schedule (``default_scheduler_config(beta_schedule)``): the
+    pipeline's default sampler.
 
     The cosine schedule ends at ``alpha_bar(999) = 2.4e-9``. An epsilon model's x0 estimate
     there divides the prediction error by ``sqrt(alpha_bar)`` (x20,000), so samplers that start
@@ -396,7 +398,10 @@ def default_sampling_scheduler() -> DDIMScheduler:
     model the mismatch greys the background.
     """
     return DDIMScheduler(
-        **default_scheduler_config(), timestep_spacing="leading", steps_offset=1, clip_sample=False
+        **default_scheduler_config(beta_schedule),
+        timestep_spacing="leading",
+        steps_offset=1,
+        clip_sample=False,
     )
 
 

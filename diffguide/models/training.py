@@ -56,6 +56,9 @@ class DefaultTrainingConfig(TrainingConfig):
     """Hyper-parameters of ``diffguide train default`` (the shipped model uses these defaults)."""
 
     source: str = "mnist"
+    #: the DDPM noise schedule: diffusers' ``beta_schedule`` ("squaredcos_cap_v2", the shipped
+    #: model; "linear": another model to check that a method carries over)
+    beta_schedule: str = "squaredcos_cap_v2"
     #: "ddpm" (the shipped model) or "spd" (Shortest Path Diffusion: per-frequency corruption)
     corruption: str = "ddpm"
     #: SPD's data spectrum: "fit" (c1/(c2+|f|)^m fitted to the train split), "authors" (their
@@ -178,6 +181,8 @@ def train_default(
     config = config or DefaultTrainingConfig()
     if config.corruption not in CORRUPTIONS:
         raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {config.corruption!r}")
+    if config.corruption == "spd" and config.beta_schedule != DefaultTrainingConfig.beta_schedule:
+        raise ValueError("beta_schedule sets DDPM's noise schedule; SPD has its own: leave it at the default")
     torch.manual_seed(config.seed)
     images, labels = load_digits("train", source=config.source)
     data = images * 2 - 1
@@ -187,9 +192,11 @@ def train_default(
         noise_scheduler = spd_scheduler_for(data, config.spd_spectrum)
         first_t = 1  # SPD's t = 0 is the clean image; DDPM's t = 0 already has a little noise
     else:
-        noise_scheduler = DDPMScheduler(**default_scheduler_config())
+        noise_scheduler = DDPMScheduler(**default_scheduler_config(config.beta_schedule))
         first_t = 0
-    sampler = noise_scheduler if config.corruption == "spd" else default_sampling_scheduler()
+    sampler = (
+        noise_scheduler if config.corruption == "spd" else default_sampling_scheduler(config.beta_schedule)
+    )
 
     def pipeline(model):
         return DigitsPipeline(unet=model, scheduler=sampler)
