@@ -9,18 +9,21 @@ with the same (t_j, eps_j) pairs for every candidate (the differences between cl
 then paired, which removes most of the variance), and the prediction is ``argmin_c err(c)``.
 Models that predict something else are scored on the noise their output implies: for a
 flow-matching model, ``x_t = (1 - s) x0 + s eps`` at timestep ``t = s T`` and the velocity ``v``
-implies ``eps = x_t + (1 - s) v``, so its error is the velocity error weighted by ``(1 - s)^2``.
+implies ``eps = x_t + (1 - s) v``, so its (l2) error is the velocity error weighted by
+``(1 - s)^2``.
 Adaptive elimination runs in stages: after stage ``i`` (``n_samples[i]`` timesteps in all)
 only the ``keep[i]`` candidates with the lowest mean error go on; errors already computed are
-reused. The paper's settings are presets (``PRESETS``), on its strided grid
-``t_k = T // n // 2 + k * (T // n)``.
+reused. The paper's settings are presets (``PRESETS``), on its strided grid for the last
+stage, ``t_k = T // n // 2 + k * (T // n)``, of which each earlier stage takes an evenly
+spaced subset (as the authors' ``eval_prob_adaptive.py`` does).
 
 Beyond the paper:
 
 - ``order="stratified"``: the timesteps of every stage are the first ``n`` of one van der
   Corput sequence over ``[0, T)``, ``t_i = floor((vdc(i) + 1/128) T)``. Each stage then spans
-  the whole range (a prefix of ``2^m`` points has one point in each of ``2^m`` equal strata)
-  and contains the earlier stages' timesteps, so no stage recomputes or leaves a gap.
+  the whole range (for up to 64 timesteps, a prefix of ``2^m`` points has one point in each
+  of ``2^m`` equal strata; beyond 64 the points fill the strata less evenly) and contains the
+  earlier stages' timesteps, so no stage recomputes or leaves a gap.
 - ``stop_z``: a stage ends the search once the paired error difference between the best
   candidate and the runner-up is ``stop_z`` standard errors from zero.
 - ``t_range``: restrict the timesteps to a band (tuned on one model, such a band does not
@@ -134,10 +137,14 @@ class ClassifierSchedule:
         if self.order == "stratified":
             full = stratified_timesteps(num_train_timesteps, self.n_samples[-1], self.t_range)
             return [full[:n] for n in self.n_samples]
-        stages, seen = [], []
-        for n in self.n_samples:  # the paper's grids do not nest: a stage adds its own grid
-            seen = sorted(set(seen) | set(timestep_grid(num_train_timesteps, n, self.t_range)))
-            stages.append(seen)
+        # as the authors' code does: one strided grid for the last stage, each stage an evenly
+        # spaced subset of it (so the stages nest only where the strides divide)
+        full = timestep_grid(num_train_timesteps, self.n_samples[-1], self.t_range)
+        stages, seen = [], set()
+        for n in self.n_samples:
+            stride = len(full) // n
+            seen |= set(full[stride // 2 :: stride][:n])
+            stages.append(sorted(seen))
         return stages
 
     def max_nfe(self, num_classes: int, num_train_timesteps: int = 1000) -> int:
@@ -147,6 +154,8 @@ class ClassifierSchedule:
             total += survivors * len(set(timesteps) - seen)
             seen |= set(timesteps)
             survivors = min(survivors, keep)
+            if survivors == 1:  # the search ends once one candidate is left
+                break
         return total
 
     def describe(self) -> str:
@@ -198,9 +207,11 @@ def paired_margin_z(errors: torch.Tensor, best: int, runner_up: int) -> float:
 
 @dataclass
 class ClassificationResult:
-    """Per image: predicted label, mean error of every candidate (for an eliminated candidate,
-    its mean error when it was eliminated), margin to the runner-up, NFE and the timesteps the
-    winner was evaluated at."""
+    """Per image: predicted label; the mean error of every candidate (an eliminated one's over
+    the timesteps it was evaluated at, so errors of candidates eliminated at different stages
+    are means over different timesteps); the margin to the runner-up, paired: the smallest,
+    over the other candidates, of their mean error minus the winner's on the same timesteps
+    (>= 0); NFE; and the timesteps the winner was evaluated at."""
 
     labels: torch.Tensor
     errors: torch.Tensor
@@ -264,6 +275,11 @@ class _Conditioner:
         if name == "SD3Transformer2DModel":
             return "sd3"  # it takes the scheduler timestep s * T, as the grid's t
         if getattr(self.denoiser.config, "addition_embed_type", None) == "text_time":
+            if getattr(getattr(pipe, "config", None), "requires_aesthetics_score", False):
+                raise TypeError(
+                    f"{type(pipe).__name__}: the SDXL refiner's aesthetic-score conditioning is not wired; "
+                    "classify with the SDXL base pipeline"
+                )
             return "sdxl"
         if name.startswith("UNet2DCondition"):
             return "sd"
@@ -304,8 +320,12 @@ class _Conditioner:
         x = images * 2 - 1
         if self.vae is None:
             return x
-        x = x.to(device=self.vae.device, dtype=self.vae.dtype)
-        latents = self.vae.encode(x).latent_dist.mean
+        # VAEs that overflow in half precision (SDXL's: force_upcast) encode in float32, as diffusers does
+        upcast = self.vae.dtype != torch.float32 and getattr(self.vae.config, "force_upcast", False)
+        vae = self.vae.to(torch.float32) if upcast else self.vae
+        latents = vae.encode(x.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
+        if upcast:
+            self.vae.to(self.denoiser.dtype)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float().cpu()
 
@@ -364,7 +384,8 @@ class DiffusionClassifier:
         schedule: a preset name (``PRESETS``; default ``DEFAULT_SCHEDULE``) or a
             :class:`ClassifierSchedule`.
         loss: ``"l2"`` (default), ``"l1"`` or ``"huber"``; mean over elements, no t weighting.
-        batch_size: rows (image x candidate x timestep) per network call; bounds the memory.
+        batch_size: rows (image x candidate x timestep) per network call; bounds the memory
+            (500 suits small models; lower it for SD-size ones, e.g. 8-32 at 512-1024 px).
         images_per_batch: images whose searches advance together, so that their rows fill
             the network calls.
         seed: seeds the noise; the noise at timestep t is the same for every image and class.
@@ -496,14 +517,22 @@ class DiffusionClassifier:
         for search in searches:  # a schedule whose last stage keeps several: the best of them
             search.candidates = search.candidates[:1]
         labels = [s.candidates[0] for s in searches]
-        finals = torch.stack([s.final for s in searches])
-        others = finals.clone()
-        others[torch.arange(len(labels)), labels] = float("inf")
-        margins = others.min(1).values - finals[torch.arange(len(labels)), labels]
         return ClassificationResult(
-            torch.tensor(labels), finals, margins, torch.tensor([s.nfe for s in searches]),
+            torch.tensor(labels), torch.stack([s.final for s in searches]),
+            torch.tensor([self._paired_margin(s) for s in searches]), torch.tensor([s.nfe for s in searches]),
             [s.timesteps for s in searches],
         )  # fmt: skip
+
+    @staticmethod
+    def _paired_margin(search: _Search) -> float:
+        """The smallest mean of ``err(c, t) - err(winner, t)`` over the timesteps each other
+        candidate ``c`` was evaluated at (the winner was evaluated at all of them)."""
+        winner = search.candidates[0]
+        differences: dict[int, list[float]] = {}
+        for (c, t), error in search.computed.items():
+            if c != winner:
+                differences.setdefault(c, []).append(error - search.computed[winner, t])
+        return min((sum(d) / len(d) for d in differences.values()), default=float("inf"))
 
     def _advance(self, search: _Search, timesteps: list[int], keep: int) -> None:
         """Rank the survivors on this stage's timesteps, keep the best ``keep``, stop if sure."""

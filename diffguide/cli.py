@@ -629,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument(
         "--model",
         default="default",
-        help="an embedded class-label model (default, fashion) or a pipeline folder",
+        help="an embedded model (default, fashion) or a class-label pipeline folder",
     )
     classify.add_argument(
         "--schedule", default=DEFAULT_SCHEDULE, help=f"{', '.join(PRESETS)} (default {DEFAULT_SCHEDULE})"

@@ -211,10 +211,11 @@ def transfer(batch_size: int) -> None:
         ROOT / "runs" / "classifier" / "sklearn-linear-run",
     )
     config = DefaultTrainingConfig(source="sklearn", beta_schedule="linear", seed=0)
-    started = time.perf_counter()
+    train_seconds = None  # only when trained by this run
     if not (folder / "model_index.json").exists():
+        started = time.perf_counter()
         train_default(folder, run_dir, config, progress=False)
-    trained_seconds = time.perf_counter() - started
+        train_seconds = time.perf_counter() - started
     pipe = dg.load_pipeline(folder)
     images, labels = dg.load_digits("test", source="sklearn")
     rows = []
@@ -228,7 +229,7 @@ def transfer(batch_size: int) -> None:
                      f"{result.nfe.float().mean():.0f}", f"{seconds * 1000:.0f} ms"])  # fmt: skip
         print(rows[-1], flush=True)
     command = "python evals/classifier.py " + " ".join(sys.argv[1:])
-    write_result("classifier_transfer", {"command": command, "rows": rows, "train_seconds": trained_seconds})
+    write_result("classifier_transfer", {"command": command, "rows": rows, "train_seconds": train_seconds})
     write_section(
         "classifier_transfer",
         f"### Diffusion Classifier on a model no schedule was chosen on\n\n`{command.strip()}` ({machine()}): "
@@ -261,6 +262,11 @@ def run_schedule(pipe, name: str, images, labels, batch_size: int, chunk: int = 
     }
 
 
+def row_indices(row: dict) -> list[int]:
+    """The test-split indices a cached row was measured on (rows on the first N: 0..N-1)."""
+    return row.get("indices") or row.get("subset") or list(range(len(row.get("predictions", []))))
+
+
 def write_table(rows: dict, command: str) -> None:
     full_nfe = PRESETS["full"].max_nfe(10)
     table = []
@@ -280,12 +286,11 @@ def write_table(rows: dict, command: str) -> None:
                 + f": {schedule.describe()}"
             )
             same = ""
-            if default_row and name != DEFAULT_SCHEDULE and "subset" in row:
-                hits = [
-                    default_row["predictions"][i] == y
-                    for i, y in zip(row["subset"], row["labels"], strict=True)
-                ]
-                same = f"{sum(hits) / len(hits):.1%}"
+            if default_row and name != DEFAULT_SCHEDULE and "labels" in row:
+                by_index = dict(zip(row_indices(default_row), default_row["predictions"], strict=True))
+                if all(i in by_index for i in row_indices(row)):
+                    hits = [by_index[i] == y for i, y in zip(row_indices(row), row["labels"], strict=True)]
+                    same = f"{sum(hits) / len(hits):.1%}"
             chunks = row.get("chunk_seconds") or []
             per_100 = f"{statistics.median(chunks):.0f} s (slowest {max(chunks):.0f} s)" if chunks else ""
             table.append([model, label, row["images"], f"{row['accuracy']:.1%}", same, f"{row['nfe']:.0f}",
@@ -324,7 +329,11 @@ def main() -> None:
     )
     parser.add_argument("--model", default="digits", choices=list(MODELS))
     parser.add_argument("--images", type=int, default=1000, help="test images for the judge and --ours")
-    parser.add_argument("--ours", default=DEFAULT_SCHEDULE, help="comma-separated presets to run on --images")
+    parser.add_argument(
+        "--ours",
+        default=DEFAULT_SCHEDULE,
+        help="comma-separated presets to run on --images ('none': only subsets)",
+    )
     parser.add_argument(
         "--full-images", type=int, default=20, help="class-balanced test images for `full` (0: skip)"
     )
@@ -358,10 +367,9 @@ def main() -> None:
         judge_accuracy = (judge(images[chosen]).argmax(1) == labels[chosen]).float().mean().item()
     rows[f"{args.model}: judge"] = {"images": len(chosen), "accuracy": judge_accuracy,
                                     "seconds_per_image": (time.perf_counter() - started) / len(chosen)}  # fmt: skip
-    for name in args.ours.split(","):
-        rows[f"{args.model}: {name}"] = run_schedule(
-            pipe, name, images[chosen], labels[chosen], args.batch_size
-        )
+    for name in [n for n in args.ours.split(",") if n not in ("", "none")]:
+        row = run_schedule(pipe, name, images[chosen], labels[chosen], args.batch_size)
+        rows[f"{args.model}: {name}"] = {**row, "indices": chosen.tolist(), "labels": labels[chosen].tolist()}
         CACHE.write_text(json.dumps(rows, indent=1))
     for name, count in (("full", args.full_images), ("paper-cifar10", args.paper_images)):
         if count > 0:
@@ -369,7 +377,7 @@ def main() -> None:
             row = run_schedule(pipe, name, images[subset], labels[subset], args.batch_size)
             rows[f"{args.model}: {name}"] = {
                 **row,
-                "subset": subset.tolist(),
+                "indices": subset.tolist(),
                 "labels": labels[subset].tolist(),
             }
             CACHE.write_text(json.dumps(rows, indent=1))

@@ -84,9 +84,46 @@ def test_elimination_keeps_the_true_class_and_reuses_errors():
     pipe, image = _planted(true_class=4, offsets=(0.2, 0.25, 0.9, 0.8, 0.0))
     result = DiffusionClassifier(pipe, schedule=ClassifierSchedule((2, 4), (2, 1))).classify(image)
     assert result.labels.tolist() == [4]
-    # stage 1: 5 classes x 2 timesteps; stage 2: 2 survivors x 4 grid timesteps (grid(4) and grid(2) differ)
-    new_in_stage_two = len(set(timestep_grid(1000, 4)) - set(timestep_grid(1000, 2)))
-    assert result.nfe.tolist() == [5 * 2 + 2 * new_in_stage_two] == [len(pipe.unet.rows)]
+    # the authors' eval_prob_adaptive.py: one grid for the last stage, each stage a strided
+    # subset of it: here stage 1 = [375, 875] of [125, 375, 625, 875]
+    last = list(range(1000 // 4 // 2, 1000, 1000 // 4))[:4]
+    first = last[len(last) // 2 // 2 :: len(last) // 2][:2]
+    assert first == [375, 875]
+    assert sorted({t for _, t, _ in pipe.unet.rows}) == last
+    # stage 1: 5 classes x 2 timesteps; stage 2: 2 survivors x the 2 timesteps not yet seen
+    assert result.nfe.tolist() == [5 * 2 + 2 * 2] == [len(pipe.unet.rows)]
+
+
+def test_max_nfe_is_what_a_search_without_a_stop_spends():
+    from diffguide.classifier import PRESETS
+
+    assert PRESETS["paper-cifar10"].max_nfe(10) == 10 * 50 + 5 * 450  # the 50 lie on the 500-grid
+    assert PRESETS["full"].max_nfe(10) == 5000
+    for schedule in [
+        ClassifierSchedule((2, 4), (2, 1)),
+        ClassifierSchedule((2, 4, 8), (1, 1, 1)),  # one survivor after stage 1: the search ends there
+        ClassifierSchedule((3, 6, 12), (3, 2, 1), order="stratified"),
+        ClassifierSchedule((2, 5), (4, 1)),  # strides that do not divide: the stages overlap in part
+    ]:
+        pipe, image = _planted(true_class=4, offsets=(0.2, 0.25, 0.9, 0.8, 0.0))
+        result = DiffusionClassifier(pipe, schedule=schedule).classify(image)
+        assert result.nfe.tolist() == [schedule.max_nfe(5)] == [len(pipe.unet.rows)], schedule
+
+
+def test_margins_are_paired_and_never_negative_under_elimination(tiny_pipe):
+    # errors vary far more with t than between classes: a class dropped early has a mean over
+    # other timesteps than the winner's, so only the paired margin is comparable
+    images = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    schedule = ClassifierSchedule((2, 4, 8), (5, 2, 1), order="stratified")
+    classifier = DiffusionClassifier(tiny_pipe, schedule=schedule)
+    result = classifier.classify(images)
+    # each eliminated class lost to the winner on the timesteps it was dropped at
+    assert (result.margins >= 0).all()
+    # planted: class c's error exceeds the true class's by offsets[c]^2 at every timestep, so the
+    # paired margin is the smallest offset squared whichever stage each class was dropped at
+    pipe, image = _planted(true_class=4, offsets=(0.3, 0.25, 0.9, 0.8, 0.0))
+    result = DiffusionClassifier(pipe, schedule=ClassifierSchedule((2, 4, 8), (3, 2, 1))).classify(image)
+    assert result.margins[0].item() == pytest.approx(0.25**2, rel=1e-4)
 
 
 def test_confident_margin_stops_early():
@@ -369,7 +406,31 @@ def test_sd3_and_sdxl_text_paths_score_each_prompt():
             ).sample[0].double()  # fmt: skip
         errors.append(((x_s[0].double() + (1 - s) * v - noise) ** 2).mean().item())
     assert result.errors[0, 1].item() == pytest.approx(sum(errors) / 2, rel=1e-4)
-    result = DiffusionClassifier(
-        tiny_sdxl(), schedule=ClassifierSchedule((2,), (1,)), class_names=["cat", "dog", "car"]
-    ).classify(image)
-    assert result.nfe.tolist() == [3 * 2] and torch.isfinite(result.errors).all()
+    pipe = tiny_sdxl()
+    classifier = DiffusionClassifier(
+        pipe, schedule=ClassifierSchedule((2,), (1,)), class_names=["cat", "dog", "car"]
+    )
+    result = classifier.classify(image)
+    assert result.nfe.tolist() == [3 * 2]
+    # by hand for "a photo of a car", with the pipeline's own time ids of an uncropped 16x16 image
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=["a photo of a car"], do_classifier_free_guidance=False)
+    time_ids = pipe._get_add_time_ids(
+        (16, 16),
+        (0, 0),
+        (16, 16),
+        dtype=embeds.dtype,
+        text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+    )
+    x0 = classifier.conditioner.encode(image)[0].double()
+    errors = []
+    for t in timestep_grid(1000, 2):
+        abar = pipe.scheduler.alphas_cumprod[t].double()
+        noise = classifier.noise_at(t).double()
+        x_t = (abar.sqrt() * x0 + (1 - abar).sqrt() * noise).float()[None]
+        with torch.no_grad():
+            eps = pipe.unet(
+                x_t, torch.tensor([t]), encoder_hidden_states=embeds,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+            ).sample[0].double()  # fmt: skip
+        errors.append(((eps - noise) ** 2).mean().item())
+    assert result.errors[0, 2].item() == pytest.approx(sum(errors) / 2, rel=1e-4)
