@@ -48,6 +48,7 @@ from .prediction import alpha_sigma, implied_noise, prediction_kind, uses_flow_s
 
 LOSSES = ("l2", "l1", "huber")
 ORDERS = ("strided", "stratified")
+SCORES = ("mean", "log")
 
 
 def van_der_corput(i: int) -> float:
@@ -109,6 +110,8 @@ class ClassifierSchedule:
             by ``stop_z`` standard errors (``None``: never stop early).
         order: ``"strided"`` (the paper's grid of ``n`` per stage) or ``"stratified"``
             (nested prefixes of one van der Corput sequence: :func:`stratified_timesteps`).
+        score: ``"mean"`` (the paper's: rank by mean error) or ``"log"`` (rank by mean log
+            error, the geometric mean: :func:`score_errors`).
     """
 
     n_samples: tuple[int, ...]
@@ -116,6 +119,7 @@ class ClassifierSchedule:
     t_range: tuple[int, int] | None = None
     stop_z: float | None = None
     order: str = "strided"
+    score: str = "mean"
 
     def __post_init__(self):
         if not self.n_samples or len(self.n_samples) != len(self.keep):
@@ -129,6 +133,8 @@ class ClassifierSchedule:
             raise ValueError(f"keep must be >= 1, got {self.keep}")
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         if self.stop_z is not None and self.stop_z <= 0:
             raise ValueError(f"stop_z must be > 0 (or None: never stop early), got {self.stop_z}")
 
@@ -162,7 +168,8 @@ class ClassifierSchedule:
         """One line: stages, survivors, timesteps and stop."""
         text = f"{self.n_samples} keep {self.keep}, {self.order}"
         text += f" t in {self.t_range}" if self.t_range else " over [0, T)"
-        return text + (f", stop at z >= {self.stop_z:g}" if self.stop_z else "")
+        text += f", stop at z >= {self.stop_z:g}" if self.stop_z else ""
+        return text + (", log errors" if self.score == "log" else "")
 
 
 PRESETS: dict[str, ClassifierSchedule] = {
@@ -170,7 +177,11 @@ PRESETS: dict[str, ClassifierSchedule] = {
     # best 5 at 16, the best 3 at 32, the best 2 at 64, stopping once the runner-up is 3 paired
     # standard errors behind (chosen on train images of the digits UNet and the fashion flow
     # transformer: evals/classifier.py --study)
-    "adaptive": ClassifierSchedule((8, 16, 32, 64), (5, 3, 2, 1), stop_z=3.0, order="stratified"),
+    "adaptive": ClassifierSchedule(
+        (8, 16, 32, 64), (5, 3, 2, 1), stop_z=3.0, order="stratified", score="log"
+    ),
+    # the same search ranking by the paper's mean error: its first version (docs/classifier.md)
+    "adaptive-mean": ClassifierSchedule((8, 16, 32, 64), (5, 3, 2, 1), stop_z=3.0, order="stratified"),
     # the paper's CIFAR-10 setting (with l1 there) and its ImageNet setting
     "paper-cifar10": ClassifierSchedule((50, 500), (5, 1)),
     "paper-imagenet": ClassifierSchedule((50, 100, 500, 1000), (500, 50, 10, 1)),
@@ -194,6 +205,13 @@ def prediction_error(predicted: torch.Tensor, noise: torch.Tensor, loss: str) ->
     else:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     return error.flatten(1).mean(1)
+
+
+def score_errors(errors: torch.Tensor, score: str) -> torch.Tensor:
+    """Errors as the search compares them: as they are (``"mean"``, the paper's), or their
+    logarithm (``"log"``: each timestep then counts by its error ratio between candidates,
+    whatever the error's size at that noise level)."""
+    return errors.clamp_min(1e-30).log() if score == "log" else errors
 
 
 def paired_margin_z(errors: torch.Tensor, best: int, runner_up: int) -> float:
@@ -523,26 +541,33 @@ class DiffusionClassifier:
             [s.timesteps for s in searches],
         )  # fmt: skip
 
-    @staticmethod
-    def _paired_margin(search: _Search) -> float:
-        """The smallest mean of ``err(c, t) - err(winner, t)`` over the timesteps each other
+    def _paired_margin(self, search: _Search) -> float:
+        """The smallest mean of ``score(c, t) - score(winner, t)`` over the timesteps each other
         candidate ``c`` was evaluated at (the winner was evaluated at all of them)."""
         winner = search.candidates[0]
         differences: dict[int, list[float]] = {}
         for (c, t), error in search.computed.items():
             if c != winner:
-                differences.setdefault(c, []).append(error - search.computed[winner, t])
+                pair = score_errors(
+                    torch.tensor([error, search.computed[winner, t]], dtype=torch.float64),
+                    self.schedule.score,
+                )
+                differences.setdefault(c, []).append(float(pair[0] - pair[1]))
         return min((sum(d) / len(d) for d in differences.values()), default=float("inf"))
 
     def _advance(self, search: _Search, timesteps: list[int], keep: int) -> None:
         """Rank the survivors on this stage's timesteps, keep the best ``keep``, stop if sure."""
-        matrix = torch.tensor(
-            [[search.computed[c, t] for t in timesteps] for c in search.candidates], dtype=torch.float64
+        matrix = score_errors(
+            torch.tensor(
+                [[search.computed[c, t] for t in timesteps] for c in search.candidates], dtype=torch.float64
+            ),
+            self.schedule.score,
         )
         means = matrix.mean(1)
         if search.final is None:
             search.final = torch.full((self.num_classes,), float("inf"))
-        search.final[search.candidates] = means.float()
+        # reported on the error's own scale: the mean, or for "log" the geometric mean
+        search.final[search.candidates] = (means.exp() if self.schedule.score == "log" else means).float()
         order = means.argsort().tolist()
         confident = (
             self.schedule.stop_z is not None

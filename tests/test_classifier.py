@@ -1,5 +1,6 @@
 """Diffusion Classifier: planted denoisers, shared noise, elimination, NFE, text and DiT paths."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -434,3 +435,32 @@ def test_sd3_and_sdxl_text_paths_score_each_prompt():
             ).sample[0].double()  # fmt: skip
         errors.append(((eps - noise) ** 2).mean().item())
     assert result.errors[0, 2].item() == pytest.approx(sum(errors) / 2, rel=1e-4)
+
+
+class TableClassifier(DiffusionClassifier):
+    """The classifier's search with its network calls answered from ``table[class][timestep]``."""
+
+    def __init__(self, pipe, schedule, table):
+        super().__init__(pipe, schedule=schedule)
+        self.table = table
+
+    def row_errors(self, x0s, rows):
+        return torch.tensor([self.table[c][t] for _, c, t in rows])
+
+
+def test_the_log_score_ranks_by_the_geometric_mean_error():
+    # class 0 wins on the arithmetic mean (5.05 < 5.275), class 1 on the geometric mean
+    # (sqrt(10.5 * 0.05) = 0.725 < sqrt(10 * 0.1) = 1): at the low-error timestep it is half class 0's
+    pipe, image = _planted(offsets=(0.1, 0.2))
+    grid = timestep_grid(1000, 2)
+    table = {0: {grid[0]: 10.0, grid[1]: 0.1}, 1: {grid[0]: 10.5, grid[1]: 0.05}}
+    mean = TableClassifier(pipe, ClassifierSchedule((2,), (1,)), table).classify(image)
+    log = TableClassifier(pipe, ClassifierSchedule((2,), (1,), score="log"), table).classify(image)
+    assert mean.labels.tolist() == [0] and log.labels.tolist() == [1]
+    torch.testing.assert_close(mean.errors[0], torch.tensor([5.05, 5.275]))
+    torch.testing.assert_close(log.errors[0], torch.tensor([1.0, (10.5 * 0.05) ** 0.5]))
+    # the margin is paired in the score's units: mean log ratio of class 0 to class 1
+    expected = (math.log(10.0 / 10.5) + math.log(0.1 / 0.05)) / 2
+    assert log.margins[0].item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="score must be one of"):
+        ClassifierSchedule((2,), (1,), score="median")
