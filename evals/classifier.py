@@ -212,7 +212,6 @@ TRANSFER_SCHEDULES = {
     "adaptive-mean": PRESETS["adaptive-mean"],
     "fast": PRESETS["fast"],
     "every class at a strided grid of 10 over [0, 1000)": ClassifierSchedule((10,), (1,)),
-    "every class at 64 stratified timesteps": ClassifierSchedule((64,), (1,), order="stratified"),
 }
 
 
