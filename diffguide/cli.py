@@ -500,22 +500,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.what == "smooth-lora":
         from diffusers import DDPMScheduler
 
-        from .models.pipeline import default_scheduler_config
         from .models.smooth_lora import SmoothLoraConfig, digits_batches, train_smooth_lora
 
         pipe = _load_model(args.base, None)
+        sources = {28: "mnist", 8: "sklearn"}
+        size = pipe.unet.config.sample_size
+        if size not in sources:
+            raise UsageError(
+                f"--base {args.base}: a {size}x{size} model; smooth-lora trains 28x28 or 8x8 digits models"
+            )
         base = SmoothLoraConfig()
         config = SmoothLoraConfig(
             steps=args.steps or base.steps, batch_size=args.batch_size or base.batch_size, learning_rate=args.lr,
-            rank=args.rank, weight=args.weight, seed=args.seed,
+            rank=args.rank, weight=args.weight, seed=args.seed, capacity=args.capacity, source=sources[size],
             min_alpha_bar=base.min_alpha_bar if args.min_alpha_bar is None else args.min_alpha_bar,
         )  # fmt: skip
-        scheduler = DDPMScheduler(
-            **default_scheduler_config()
-        )  # the schedule the default model was trained with
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the base model's own training schedule
         out = args.out or f"runs/smooth-lora-w{args.weight:g}"
         run_dir = args.run_dir or f"runs/smooth-lora-w{args.weight:g}-run"
         record = train_smooth_lora(pipe.unet, scheduler, digits_batches(config), out, run_dir, config)
+        if config.capacity == "full":  # a whole pipeline folder, loadable with DigitsPipeline.from_pretrained
+            pipe.save_pretrained(out)
         print(record)
         return 0
     if args.what == "fashion":
@@ -708,6 +713,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--base", default="default", help="smooth-lora: 'default' or a DigitsPipeline folder")
     train.add_argument("--weight", type=float, default=1.0, help="smooth-lora: lambda (0 = control run)")
     train.add_argument("--rank", type=int, default=8, help="smooth-lora: LoRA rank")
+    train.add_argument(
+        "--capacity", default="attention", choices=["attention", "attention+conv", "full"],
+        help="smooth-lora: LoRA on the attention projections (the paper's), also on the ResNet convolutions, "
+        "or a full fine-tune (writes a pipeline folder)",
+    )  # fmt: skip
     train.add_argument("--lr", type=float, default=1e-4, help="smooth-lora: learning rate")
     train.add_argument(
         "--min-alpha-bar", type=float, default=None,

@@ -8,8 +8,10 @@ for a v model ``sqrt(abar) x_t - sqrt(1 - abar) v_theta``), draw per sample
 
     n ~ N(0, I) / sqrt(C H W) * sqrt(1 - abar),   g = d <x0_hat, n> / d eps,   v = ||g||,
 
-keep a running target ``a <- a + 0.01 (mean(v) - a)`` (starting at 0, part of the training
-state), and add ``lambda * mean((v - a)^2)`` to the denoising loss (lambda = 1 in the paper).
+move a running target ``a <- a + 0.01 (mean(v) - a)`` (starting at 0, part of the training
+state) and add ``lambda * mean((v - a)^2)`` to the denoising loss (lambda = 1 in the paper),
+against the target just moved, as the authors' ``step_regularize`` does (the batch mean's
+0.01 share in ``a`` carries its gradient there too).
 ``g = J^T n`` with ``J = d x0_hat / d eps``: the penalty asks a small step of the input noise to
 move the output image by a steady amount, which is what makes interpolations smooth.
 
@@ -58,11 +60,12 @@ def variation_norms(
     alphas_cumprod: torch.Tensor,
     prediction_type: str = "epsilon",
     generator: torch.Generator | None = None,
+    create_graph: bool = True,
 ) -> torch.Tensor:
     """``v = ||d <x0_hat, n> / d eps||`` per sample (B,), differentiable (for the penalty).
 
     ``denoise(x_t, t)`` is the model's raw output (epsilon or v); ``alphas_cumprod`` the
-    training schedule's ``abar`` indexed by timestep.
+    training schedule's ``abar`` indexed by timestep. ``create_graph=False`` only measures.
     """
     abar = alphas_cumprod.to(x0.device)[timesteps].to(x0.dtype)
     noise = noise.detach().requires_grad_(True)
@@ -71,8 +74,56 @@ def variation_norms(
     elements = x0[0].numel()
     probe = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     probe = probe / elements**0.5 * per_sample(1 - abar, x0).sqrt()
-    (gradient,) = torch.autograd.grad((x0_hat * probe).sum(), noise, create_graph=True)
+    (gradient,) = torch.autograd.grad((x0_hat * probe).sum(), noise, create_graph=create_graph)
     return gradient.flatten(1).norm(dim=1)
+
+
+def spread_statistics(norms: torch.Tensor) -> dict[str, float]:
+    """How far ``v`` strays from one constant, for a (timesteps, samples) table of ``v``.
+
+    ``mean``; ``std`` (the regularizer's own penalty at ``a = mean`` is ``std**2``);
+    ``within_std``, the root mean of each timestep's variance over samples (what a small move
+    of the noise does at one noise level); ``between_std``, the spread of the per-timestep
+    means. ``std**2 = within_std**2 + between_std**2``. The ``*_cv`` are each over ``mean``
+    (a model can shrink every ``v`` alike, which lowers the penalty but not the spread).
+    """
+    if norms.ndim != 2 or norms.shape[1] < 2:
+        raise ValueError(f"need a (timesteps, samples >= 2) table of v, got shape {tuple(norms.shape)}")
+    norms = norms.double()
+    mean = norms.mean()
+    std = norms.std(unbiased=False)
+    within = norms.var(dim=1, unbiased=False).mean().sqrt()
+    between = norms.mean(dim=1).std(unbiased=False)
+    stats = {
+        "mean": mean, "std": std, "within_std": within, "between_std": between,
+        "cv": std / mean, "within_cv": within / mean, "between_cv": between / mean,
+    }  # fmt: skip
+    return {name: float(value) for name, value in stats.items()}
+
+
+def variation_table(
+    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+) -> torch.Tensor:
+    """``v`` for every image of ``x0`` at every one of ``timesteps``: a (len(timesteps), B) table.
+
+    Each timestep draws its own noise and probe from ``seed``, the same for every model, so two
+    models are measured on the same held-out draws (for :func:`spread_statistics`).
+    """
+    rows = []
+    for index, timestep in enumerate(timesteps.tolist()):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        t = torch.full((len(x0),), int(timestep), dtype=torch.long, device=x0.device)
+        norms = variation_norms(
+            denoise, x0, noise, t, alphas_cumprod, prediction_type, generator, create_graph=False
+        )
+        rows.append(norms.detach())
+    return torch.stack(rows)
 
 
 class VariationRegularizer:
@@ -117,8 +168,9 @@ class VariationRegularizer:
             return torch.zeros((), device=x0.device)
         norms = variation_norms(denoise, x0, noise, timesteps, alphas_cumprod, prediction_type, generator)
         norms = norms[kept]  # the rest are computed (the conditioning is not ours to slice) but unused
-        penalty = ((norms - self.target) ** 2).mean()  # against a from before this step, as in the paper
-        self.update_target(norms)
+        target = self.target + self.decay * (norms.mean() - self.target)  # the authors' order, with gradient
+        penalty = ((norms - target) ** 2).mean()
+        self.target = float(target.detach())
         return self.weight * penalty
 
     def state_dict(self) -> dict:
@@ -152,6 +204,13 @@ def use_plain_attention(model: torch.nn.Module) -> int:
 # -- Smooth-LoRA: a LoRA on the UNet's attention projections, saved in diffusers' format ----------
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: what a Smooth fine-tune may train: LoRA on the attention projections (the paper's), LoRA on
+#: those and on every ResNet 3x3 convolution, or every weight of the network
+CAPACITIES = {
+    "attention": LORA_TARGETS,
+    "attention+conv": (*LORA_TARGETS, "conv1", "conv2"),
+    "full": None,
+}
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 

@@ -1,88 +1,282 @@
-"""Smooth-LoRA against the base model and a lambda = 0 control LoRA.
+"""Smooth Diffusion: does the regularizer do its own job, and does that make interpolation smooth?
 
-    diffguide train smooth-lora --weight 1 --out runs/smooth-lora-w1      # the Smooth-LoRA
-    diffguide train smooth-lora --weight 0 --out runs/smooth-lora-w0      # control: same steps, no penalty
-    python evals/smooth.py --steps 20 --pairs 100 --n-per-class 20   # the shipped LoRA and control by default
+    python evals/smooth.py --map                 # the 8x8 map trained by evals/smooth_train.py
+    python evals/smooth.py --model default       # the 28x28 model: base, shipped Smooth-LoRA, control
 
-Per model: ISTD over ``--pairs`` noise pairs cycling over the 10 classes (Smooth Diffusion's
-definition, DDIM eta = 0, CFG ``--scale``), and, on ``--n-per-class`` samples per class, the
-judge's accuracy and the domain Frechet distance to the 1,000 test digits. A change in ISTD
-counts only where the control did not show it too.
+Every model (a base, or a base with a LoRA or a fully fine-tuned UNet) is scored on the same
+held-out draws:
+
+- **variation spread**: ``v = ||d <x0_hat, n> / d eps||`` (the regularizer's quantity) for
+  ``--spread-images`` test images at 16 timesteps spread over the range the penalty sees
+  (``abar >= 0.0047``), one fresh noise and probe per image and timestep (seeded, the same for
+  every model); reported as its coefficient of variation, split into within-timestep and
+  between-timestep parts (``diffguide.smooth.spread_statistics``);
+- **ISTD on random noise pairs** (the project's earlier measure): ``--pairs`` pairs cycling over
+  the classes, CFG ``--scale``, DDIM ``--steps``;
+- **ISTD on real pairs** (as the paper evaluates): two test images of one class are DDIM-inverted
+  (``diffguide.inversion``, no guidance) and the slerp between their noises is sampled without
+  guidance, so both ends reconstruct the real images (the reconstruction error is reported);
+- for both, the paper's pixel ISTD, the scale-free relative ISTD (std over mean step) in pixels
+  and (28x28) in the judge's feature space, and the largest step's share of the path;
+- **quality**: the Frechet distance of ``--n-per-class`` samples per class (CFG ``--scale``) to
+  the test split, in the judge's features (28x28) or in pixels (8x8, 64 dimensions).
+
+A change counts only against the lambda = 0 control trained for the same steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
+from diffusers import DDPMScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import machine, markdown_table, write_result, write_section  # noqa: E402
+from report import RESULTS, cached_row, machine, markdown_table, write_result, write_section  # noqa: E402
 
 import diffguide as dg  # noqa: E402
 from diffguide.generation import generate_samples  # noqa: E402
-from diffguide.metrics import feature_frechet_distance, interpolation_istd  # noqa: E402
+from diffguide.inversion import ddim_invert  # noqa: E402
+from diffguide.metrics import feature_frechet_distance  # noqa: E402
 from diffguide.metrics.features import extract_features  # noqa: E402
+from diffguide.metrics.istd import noise_pairs, path_statistics, step_distances, strips_between  # noqa: E402
+from diffguide.smooth import SD15_MIN_ALPHA_BAR, spread_statistics, use_plain_attention, variation_table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = RESULTS / "smooth_rows.json"
+
+
+def load_variant(base: str, variant: str | None) -> dg.DigitsPipeline:
+    """``base`` (a pipeline folder or 'default') with ``variant`` applied: a LoRA folder, or a
+    pipeline folder holding a fully fine-tuned UNet."""
+    pipe = dg.load_default_pipeline() if base == "default" else dg.DigitsPipeline.from_pretrained(base)
+    if variant is not None:
+        if (Path(variant) / "unet").is_dir():
+            pipe = dg.DigitsPipeline(
+                unet=type(pipe.unet).from_pretrained(Path(variant) / "unet"), scheduler=pipe.scheduler
+            )
+        else:
+            pipe.load_lora_weights(variant)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def real_pairs(labels: torch.Tensor, count: int, seed: int) -> list[tuple[int, int]]:
+    """``count`` pairs of distinct test indices of one class, cycling over the classes."""
+    generator = torch.Generator().manual_seed(seed)
+    by_class = [torch.nonzero(labels == c).flatten() for c in range(int(labels.max()) + 1)]
+    pairs = []
+    for i in range(count):
+        pool = by_class[i % len(by_class)]
+        first, second = torch.randperm(len(pool), generator=generator)[:2].tolist()
+        pairs.append((int(pool[first]), int(pool[second])))
+    return pairs
+
+
+def score(pipe: dg.DigitsPipeline, data: dict, args: argparse.Namespace) -> dict:
+    """Every measurement of the module docstring for one model."""
+    unet = pipe.unet
+    use_plain_attention(unet)  # the spread takes a gradient through attention
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    images, labels = data["images"], data["labels"]
+    embed = data["embed"]
+
+    # the regularizer's own quantity, on held-out images and draws
+    kept = torch.nonzero(scheduler.alphas_cumprod >= SD15_MIN_ALPHA_BAR).flatten()
+    timesteps = kept[torch.linspace(0, len(kept) - 1, 16).round().long()]
+    spread_x0 = images[: args.spread_images] * 2 - 1
+    spread_y = labels[: args.spread_images]
+    with torch.enable_grad():
+        table = variation_table(lambda x, t: unet(x, t, class_labels=spread_y).sample, spread_x0, timesteps,
+                                scheduler.alphas_cumprod, seed=args.seed)  # fmt: skip
+    record = {"spread": spread_statistics(table), "spread_by_timestep": {
+        "timesteps": timesteps.tolist(), "mean": table.mean(1).tolist(), "std": table.std(1).tolist()}}  # fmt: skip
+
+    def paths(strips: torch.Tensor) -> dict:
+        pixel = torch.stack([step_distances(strip) for strip in strips])
+        result = {"pixel": path_statistics(pixel), "largest_step_index": pixel.argmax(1).tolist()}
+        if embed is not None:
+            result["feature"] = path_statistics(
+                torch.stack([step_distances(strip, embed) for strip in strips])
+            )
+        return result
+
+    with torch.no_grad():
+        pair_labels = [i % 10 for i in range(args.pairs)]
+        start, end = noise_pairs(tuple(pipe.image_shape), args.pairs, args.seed)
+        record["random"] = paths(strips_between(pipe, start, end, pair_labels, guidance_scale=args.scale,
+                                                num_inference_steps=args.steps))  # fmt: skip
+        pairs = real_pairs(labels, args.real_pairs, args.seed)
+        first, second = torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs])
+        real_labels = labels[first].tolist()
+        z0 = ddim_invert(pipe, images[first], real_labels, args.steps)
+        z1 = ddim_invert(pipe, images[second], real_labels, args.steps)
+        strips = strips_between(pipe, z0, z1, real_labels, guidance_scale=1.0, num_inference_steps=args.steps)
+        record["real"] = paths(strips)
+        ends = torch.cat([images[first], images[second]])
+        record["real"]["reconstruction_rmse"] = float(
+            (torch.cat([strips[:, 0], strips[:, -1]]) - ends).pow(2).mean().sqrt()
+        )
+
+        sample_labels = torch.arange(10).repeat_interleave(args.n_per_class)
+        samples = generate_samples(pipe, sample_labels, seed=args.seed, guidance_scale=args.scale,
+                                   num_inference_steps=args.steps)  # fmt: skip
+        features = samples.flatten(1) if embed is None else embed(samples)
+        record["fd"] = feature_frechet_distance(features, data["test_features"])
+        if data["judge"] is not None:
+            predicted = data["judge"].head(features.float()).argmax(1)
+            record["judge_accuracy"] = float((predicted == sample_labels).float().mean())
+    return record
+
+
+def held_out(base: str) -> dict:
+    """The test split of ``base``'s data and the feature space FD is taken in."""
+    size = (
+        dg.load_default_pipeline() if base == "default" else dg.DigitsPipeline.from_pretrained(base)
+    ).image_shape[-1]
+    if size == 28:
+        images, labels = dg.load_digits("test")
+        judge = dg.load_judge()
+
+        def embed(x: torch.Tensor) -> torch.Tensor:
+            return extract_features(x, judge)
+
+        return {"images": images, "labels": labels, "judge": judge, "embed": embed,
+                "test_features": embed(images)}  # fmt: skip
+    images, labels = dg.load_digits("test", source="sklearn")
+    return {
+        "images": images,
+        "labels": labels,
+        "judge": None,
+        "embed": None,
+        "test_features": images.flatten(1),
+    }
+
+
+def settings_key(args: argparse.Namespace) -> str:
+    return (f"pairs{args.pairs}/real{args.real_pairs}/n{args.n_per_class}/spread{args.spread_images}/"
+            f"w{args.scale:g}/s{args.steps}/seed{args.seed}")  # fmt: skip
+
+
+def row(name: str, steps: int | str, record: dict, with_features: bool) -> list:
+    spread = record["spread"]
+    cells = [name, steps, f"{spread['cv']:.3f}", f"{spread['within_cv']:.3f}", f"{spread['between_cv']:.3f}",
+             f"{record['random']['pixel']['istd']:.1f}", f"{record['random']['pixel']['relative_istd']:.3f}",
+             f"{record['real']['pixel']['istd']:.1f}", f"{record['real']['pixel']['relative_istd']:.3f}"]  # fmt: skip
+    if with_features:
+        cells += [
+            f"{record['random']['feature']['relative_istd']:.3f}",
+            f"{record['real']['feature']['relative_istd']:.3f}",
+        ]
+    cells += [f"{record['real']['pixel']['largest_share']:.2f}", f"{record['fd']:.1f}"]
+    return cells
+
+
+def header(with_features: bool) -> list[str]:
+    cells = ["model", "steps", "v: CV", "within-t CV", "between-t CV", "ISTD random", "rel. ISTD random",
+             "ISTD real", "rel. ISTD real"]  # fmt: skip
+    if with_features:
+        cells += ["rel. ISTD random (features)", "rel. ISTD real (features)"]
+    return cells + ["largest step share (real)", "FD to test"]
+
+
+def run_map(args: argparse.Namespace) -> None:
+    data = held_out(args.base)
+    map_dir = Path(args.map_dir)
+    points = sorted(p for p in map_dir.iterdir() if p.is_dir()) if map_dir.is_dir() else []
+    entries = [("base", 0, None)] + [
+        (point.name, int(snap.name), snap)
+        for point in points
+        for snap in sorted((s for s in point.iterdir() if s.name.isdigit()), key=lambda s: int(s.name))
+        if (snap / "training.json").exists()
+    ]
+    records = []
+    for name, steps, folder in entries:
+        key = f"map/{args.base}/{name}/{steps}/{settings_key(args)}"
+        record = cached_row(
+            CACHE,
+            key,
+            lambda folder=folder: score(load_variant(args.base, folder and str(folder)), data, args),
+        )
+        training = json.loads((folder / "training.json").read_text()) if folder else {}
+        records.append({"name": name, "steps": steps, "training": training, **record})
+        print(
+            name,
+            steps,
+            record["spread"]["cv"],
+            record["real"]["pixel"]["relative_istd"],
+            record["fd"],
+            flush=True,
+        )
+    rows = [row(r["name"], r["steps"], r, False) for r in records]
+    command = "python evals/smooth.py " + " ".join(sys.argv[1:])
+    write_result("smooth_map", {"command": command, "machine": machine(), "rows": records})
+    write_section("smooth_map", f"## Smooth Diffusion: the 8x8 map (capacity x lambda x steps)\n\n"
+                  f"`{command.strip()}` ({machine()}); points trained by `evals/smooth_train.py` from "
+                  f"`{args.base}`. {args.spread_images} test images for the spread, {args.pairs} random and "
+                  f"{args.real_pairs} real pairs, {10 * args.n_per_class} samples for FD (pixels, 64 dims); "
+                  f"CFG {args.scale:g}, DDIM {args.steps}.\n\n" + markdown_table(header(False), rows))  # fmt: skip
+
+
+def run_model(args: argparse.Namespace) -> None:
+    data = held_out(args.model)
+    records = []
+    for name, variant in (
+        ("base", None),
+        ("Smooth-LoRA (lambda=1)", args.lora),
+        ("control (lambda=0)", args.control),
+    ):
+        if variant is not None and not Path(variant).exists():
+            print(f"skipping {name}: {variant} does not exist", flush=True)
+            continue
+        key = f"model/{args.model}/{variant}/{settings_key(args)}"
+        record = cached_row(
+            CACHE, key, lambda variant=variant: score(load_variant(args.model, variant), data, args)
+        )
+        records.append({"name": name, "variant": variant, **record})
+        print(
+            name, record["spread"]["cv"], record["real"]["pixel"]["relative_istd"], record["fd"], flush=True
+        )
+    rows = [row(r["name"], "", r, True) + [f"{r['judge_accuracy']:.1%}"] for r in records]
+    command = "python evals/smooth.py " + " ".join(sys.argv[1:])
+    write_result("smooth", {"command": command, "machine": machine(), "rows": records})
+    write_section("smooth", f"## Smooth Diffusion: Smooth-LoRA vs base and a lambda = 0 control ({args.model})\n\n"
+                  f"`{command.strip()}` ({machine()}). {args.spread_images} test images for the spread, "
+                  f"{args.pairs} random and {args.real_pairs} real pairs, {10 * args.n_per_class} samples for FD "
+                  f"and accuracy (judge features); CFG {args.scale:g}, DDIM {args.steps}.\n\n"
+                  + markdown_table(header(True) + ["judge accuracy"], rows))  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    root = Path(__file__).resolve().parents[1]
+    parser.add_argument("--map", action="store_true", help="score the map in --map-dir against --base")
+    parser.add_argument("--base", default=str(ROOT / "checkpoints" / "digits8-linear"))
+    parser.add_argument("--map-dir", default=str(ROOT / "runs" / "smooth" / "map"))
     parser.add_argument(
-        "--lora", default=str(root / "diffguide" / "models" / "default" / "smooth_lora"),
-        help="the Smooth-LoRA folder (default: the one shipped with the default model)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--control", default=str(root / "checkpoints" / "smooth-lora-w0"),
-        help="the lambda = 0 LoRA folder (default: the project's, trained with the same steps)",
-    )  # fmt: skip
-    parser.add_argument("--pairs", type=int, default=100)
-    parser.add_argument("--n-per-class", type=int, default=100)
-    parser.add_argument("--scale", type=float, default=3.0)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-
-    judge = dg.load_judge()
-    test_features = extract_features(dg.load_digits("test")[0], judge)
-    labels = torch.arange(10).repeat_interleave(args.n_per_class)
-    pair_labels = [i % 10 for i in range(args.pairs)]
-    rows, records = [], []
-    for name, lora in (
-        ("base", None),
-        ("Smooth-LoRA (lambda=1)", args.lora),
-        ("control LoRA (lambda=0)", args.control),
-    ):
-        pipe = dg.load_default_pipeline()
-        if lora is not None:
-            pipe.load_lora_weights(lora)
-        istd, _, _ = interpolation_istd(
-            pipe, pair_labels, seed=args.seed, guidance_scale=args.scale, num_inference_steps=args.steps
-        )
-        images = generate_samples(pipe, labels, seed=args.seed, progress=True, guidance_scale=args.scale,
-                                  num_inference_steps=args.steps)  # fmt: skip
-        features = extract_features(images, judge)
-        accuracy = (judge.head(features.float()).argmax(1) == labels).float().mean().item()
-        fd = feature_frechet_distance(features, test_features)
-        records.append(
-            {"model": name, "lora": lora, "istd": istd, "judge_accuracy": accuracy, "domain_fd": fd}
-        )
-        rows.append([name, f"{istd:.2f}", f"{accuracy:.1%}", f"{fd:.1f}"])
-        print(records[-1], flush=True)
-    command = "python evals/smooth.py " + " ".join(sys.argv[1:])
-    write_result("smooth", {"command": command, "machine": machine(), "rows": records})
-    write_section(
-        "smooth",
-        f"## Smooth Diffusion: Smooth-LoRA vs base and a lambda = 0 control\n\n`{command.strip()}` ({machine()}). "
-        f"ISTD over {args.pairs} noise pairs (0-255 pixels), {len(labels)} samples for accuracy and FD, "
-        f"CFG {args.scale}, DDIM {args.steps} steps.\n\n"
-        + markdown_table(["model", "ISTD", "judge accuracy", "domain FD to test"], rows),
+        "--model", default=None, help="'default': base, --lora and --control on the 28x28 model"
     )
+    parser.add_argument("--lora", default=str(ROOT / "diffguide" / "models" / "default" / "smooth_lora"))
+    parser.add_argument("--control", default=str(ROOT / "checkpoints" / "smooth-lora-w0"))
+    parser.add_argument("--pairs", type=int, default=50)
+    parser.add_argument("--real-pairs", type=int, default=50)
+    parser.add_argument("--n-per-class", type=int, default=36)
+    parser.add_argument("--spread-images", type=int, default=100)
+    parser.add_argument("--scale", type=float, default=3.0)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.map == (args.model is not None):
+        parser.error("give one of --map or --model")
+    run_map(args) if args.map else run_model(args)
 
 
 if __name__ == "__main__":

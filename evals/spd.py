@@ -10,6 +10,12 @@ model, SPD's Fourier-space sampler for SPD) at each ``--cells`` step count (1000
 the authors use) with that many samples per class, without guidance by default, and scored
 by the judge's accuracy and the domain Frechet distance to the 1,000 test digits.
 
+``--sampler ddim`` samples both deterministically instead: the shipped DDIM scheduler for DDPM
+and ``ShortestPathScheduler(sampler="ddim")`` (DDIM per frequency, ours) for SPD; the pair is
+fair because both use the same update family. Each row also has the unbiased KID (cubic
+kernel MMD^2 over all samples against the test digits, x 10^3), which unlike FD does not grow
+as the sample count falls, so rows of different sizes can be read together.
+
 ``--ddpm-full-start 981`` adds, at full-T cells, a DDPM chain that takes every step from
 t = 981 down (where the shipped sampler starts) instead of from t = 999, where the cosine
 schedule's alpha_bar is 2.4e-9: it separates DDPM's end-point trouble from SPD's corruption.
@@ -30,7 +36,7 @@ from report import RESULTS, cached_row, machine, markdown_table, write_result, w
 
 import diffguide as dg  # noqa: E402
 from diffguide.generation import generate_samples  # noqa: E402
-from diffguide.metrics import feature_frechet_distance  # noqa: E402
+from diffguide.metrics import feature_frechet_distance, polynomial_mmd2  # noqa: E402
 from diffguide.metrics.features import extract_features  # noqa: E402
 
 
@@ -64,9 +70,16 @@ def main() -> None:
         "--ddpm-full-start", type=int, default=None,
         help="at full-T cells, also sample DDPM at every step from this t down (e.g. 981)",
     )  # fmt: skip
+    parser.add_argument(
+        "--sampler", default="ancestral", choices=["ancestral", "ddim"],
+        help="ancestral (the authors'; DDPM's scheduler for DDPM) or ddim (deterministic, both models)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     spd = dg.DigitsPipeline.from_pretrained(args.spd)
     if not isinstance(spd.scheduler, dg.ShortestPathScheduler):
@@ -74,14 +87,17 @@ def main() -> None:
             f"{args.spd} does not sample with ShortestPathScheduler; train it with --corruption spd"
         )
     ddpm = dg.load_default_pipeline()
-    ddpm.scheduler = DDPMScheduler.from_config(ddpm.scheduler.config)
+    if args.sampler == "ancestral":
+        ddpm.scheduler = DDPMScheduler.from_config(ddpm.scheduler.config)
+    else:  # the shipped DDIM sampler, and DDIM per frequency for SPD
+        spd.scheduler = dg.ShortestPathScheduler.from_config(spd.scheduler.config, sampler="ddim")
     judge = dg.load_judge()
     test_images, _ = dg.load_digits("test")
     test_features = extract_features(test_images, judge)
     cells = [tuple(int(v) for v in cell.split(":")) for cell in args.cells.split(",")]
     # the shipped config ("leading" spacing, steps_offset=1) would ask for t = 1000 at full T
     ddpm_full_t = dg.DigitsPipeline(
-        unet=ddpm.unet, scheduler=DDPMScheduler.from_config(ddpm.scheduler.config, steps_offset=0)
+        unet=ddpm.unet, scheduler=type(ddpm.scheduler).from_config(ddpm.scheduler.config, steps_offset=0)
     )
     num_train_timesteps = ddpm.scheduler.config.num_train_timesteps
 
@@ -94,7 +110,8 @@ def main() -> None:
         features = extract_features(images, judge)
         accuracy = (judge.head(features.float()).argmax(1) == labels).float().mean().item()
         record = {"model": name, "steps": steps_taken, "samples": len(labels), "judge_accuracy": accuracy,
-                  "domain_fd": feature_frechet_distance(features, test_features)}  # fmt: skip
+                  "domain_fd": feature_frechet_distance(features, test_features),
+                  "kid_x1000": 1000 * polynomial_mmd2(features.double().numpy(), test_features.double().numpy())}  # fmt: skip
         print(record, flush=True)
         return record
 
@@ -102,8 +119,9 @@ def main() -> None:
     for steps, n_per_class in cells:
         labels = torch.arange(10).repeat_interleave(n_per_class)
         full_t = steps >= num_train_timesteps
-        models = [("DDPM", ddpm_full_t if full_t else ddpm, steps), ("SPD", spd, steps)]
-        if args.ddpm_full_start is not None and full_t:
+        suffix = "" if args.sampler == "ancestral" else " (DDIM)"
+        models = [("DDPM" + suffix, ddpm_full_t if full_t else ddpm, steps), ("SPD" + suffix, spd, steps)]
+        if args.ddpm_full_start is not None and full_t and args.sampler == "ancestral":
             start = args.ddpm_full_start
             models.insert(1, (f"DDPM from t={start}", _ddpm_from(ddpm, start), start + 1))
         for name, pipe, steps_taken in models:
@@ -113,18 +131,50 @@ def main() -> None:
                 lambda: measure(name, pipe, labels, steps, steps_taken),  # noqa: B023 (called at once)
             )
             records.append(record)
+            kid = f"{record['kid_x1000']:.2f}" if "kid_x1000" in record else "-"
             rows.append([name, record["steps"], len(labels), f"{record['judge_accuracy']:.1%}",
-                         f"{record['domain_fd']:.1f}"])  # fmt: skip
+                         f"{record['domain_fd']:.1f}", kid])  # fmt: skip
     command = "python evals/spd.py " + " ".join(sys.argv[1:])
-    write_result("spd", {"command": command, "machine": machine(), "rows": records})
+    section = "spd" if args.sampler == "ancestral" else f"spd_{args.sampler}"
+    write_result(section, {"command": command, "machine": machine(), "rows": records})
     write_section(
-        "spd",
-        f"## Shortest Path Diffusion vs DDPM at equal training budget\n\n`{command.strip()}` ({machine()}). "
-        f"Ancestral sampling, CFG {args.scale:g} (1 = no guidance); FD in the judge's feature space against "
-        "the 1,000 test digits, so it is biased upwards for small sample counts: compare rows of equal size only.\n\n"
+        section,
+        f"## Shortest Path Diffusion vs DDPM at equal training budget ({args.sampler} sampling)\n\n"
+        f"`{command.strip()}` ({machine()}). CFG {args.scale:g} (1 = no guidance); FD in the judge's feature space "
+        "against the 1,000 test digits, biased upwards for small sample counts (compare rows of equal size); KID "
+        "(x 10^3) is unbiased (compare across sizes; '-' for rows cached before it was added).\n\n"
         + markdown_table(
-            ["corruption", "sampling steps", "samples", "judge accuracy", "domain FD to test"], rows
-        ),
+            ["corruption", "sampling steps", "samples", "judge accuracy", "domain FD to test", "KID x 10^3"],
+            rows,
+        )  # fmt: skip
+        + "\n\n"
+        + steps_curve(records),
+    )
+
+
+def steps_curve(records: list[dict]) -> str:
+    """SPD's FD over DDPM's at each sample count and step count (the gap closing or not)."""
+    by_cell = {}
+    for record in records:
+        family = (
+            "SPD"
+            if record["model"].startswith("SPD")
+            else "DDPM"
+            if "from t=" not in record["model"]
+            else None
+        )
+        if family:
+            by_cell.setdefault((record["samples"], record["steps"]), {})[family] = record
+    rows = []
+    for (samples, steps), pair in sorted(by_cell.items()):
+        if len(pair) == 2:
+            ddpm, spd = pair["DDPM"], pair["SPD"]
+            rows.append([samples, steps, f"{ddpm['domain_fd']:.1f}", f"{spd['domain_fd']:.1f}",
+                         f"{spd['domain_fd'] / ddpm['domain_fd']:.2f}",
+                         f"{spd['kid_x1000'] - ddpm['kid_x1000']:+.2f}" if "kid_x1000" in spd and "kid_x1000" in ddpm
+                         else "-"])  # fmt: skip
+    return "The steps curve (SPD against DDPM at each cell):\n\n" + markdown_table(
+        ["samples", "steps", "DDPM FD", "SPD FD", "SPD / DDPM FD", "SPD - DDPM KID x 10^3"], rows
     )
 
 

@@ -73,3 +73,64 @@ def test_saturation_measures():
     assert clipped_fraction(two) == 0.25
     with pytest.raises(ValueError, match="images must be"):
         clipped_fraction(torch.zeros(0, 1, 2, 2))
+
+
+def test_path_statistics_of_an_even_ramp_and_of_one_jump():
+    from diffguide.metrics.istd import path_statistics, step_distances
+
+    ramp = torch.linspace(0, 1, 11, dtype=torch.float64).reshape(11, 1, 1, 1).expand(11, 1, 4, 4)
+    jump = torch.cat([torch.zeros(5, 1, 4, 4), torch.ones(6, 1, 4, 4)])
+    distances = torch.stack([step_distances(ramp), step_distances(jump)])
+    stats = path_statistics(distances)
+    # ramp: ten steps of 25.5 * 4 = 102, std 0, largest share 0.1; jump: one step of 1020, share 1
+    assert stats["mean_step"] == pytest.approx((102 + 102) / 2)
+    assert stats["istd"] == pytest.approx((0 + 1020 * math.sqrt(0.09)) / 2)
+    assert stats["relative_istd"] == pytest.approx((0 + 1020 * math.sqrt(0.09) / 102) / 2)
+    assert stats["largest_share"] == pytest.approx((0.1 + 1.0) / 2)
+    doubled = step_distances(jump, embed=lambda x: 2 * x.flatten(1))  # a feature space, no 0-255 scaling
+    torch.testing.assert_close(doubled, step_distances(jump) * 2 / 255)
+
+
+def test_ddim_inversion_is_exact_for_a_constant_noise_predictor_and_sampling_returns_the_image(tiny_pipe):
+    from diffguide.inversion import ddim_invert
+
+    noise = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    tiny_pipe.predict = lambda x, t, labels: noise.expand_as(x).to(x.dtype)  # x0_hat never changes
+    images = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    latent = ddim_invert(tiny_pipe, images, [1, 2], num_inference_steps=5)
+    abar_start = tiny_pipe.scheduler.alphas_cumprod[tiny_pipe.scheduler.timesteps[0]]
+    expected = abar_start.sqrt() * (images * 2 - 1) + (1 - abar_start).sqrt() * noise
+    torch.testing.assert_close(latent, expected, rtol=1e-5, atol=1e-5)
+    back = tiny_pipe(
+        [1, 2], guidance_scale=1.0, num_inference_steps=5, latents=latent, output_type="pt"
+    ).images
+    torch.testing.assert_close(back, images, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="class labels"):
+        ddim_invert(tiny_pipe, images, [1], 5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        ddim_invert(tiny_pipe, images * 2 - 1, [1, 2], 5)
+
+
+def test_ddim_inversion_refuses_a_scheduler_it_cannot_run_backwards(tiny_pipe):
+    from diffusers import DDPMScheduler
+
+    from diffguide.inversion import ddim_invert
+
+    tiny_pipe.scheduler = DDPMScheduler.from_config(tiny_pipe.scheduler.config)
+    with pytest.raises(ValueError, match="DDIMScheduler"):
+        ddim_invert(tiny_pipe, torch.rand(1, 1, 8, 8), [0], 5)
+
+
+def test_interpolation_istd_samples_the_same_strips_as_strips_between_on_its_noise_pairs(tiny_pipe):
+    from diffguide.metrics.istd import noise_pairs, strips_between
+
+    mean, values, strips = interpolation_istd(tiny_pipe, [1, 2], seed=4, num_inference_steps=2)
+    start, end = noise_pairs(tiny_pipe.image_shape, 2, seed=4)
+    torch.testing.assert_close(
+        start[1:2], torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(6))
+    )
+    again = strips_between(tiny_pipe, start, end, [1, 2], num_inference_steps=2)
+    torch.testing.assert_close(again, strips)
+    assert mean == pytest.approx(sum(values) / 2)
+    with pytest.raises(ValueError, match="one per class label"):
+        strips_between(tiny_pipe, start, end, [1], num_inference_steps=2)

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from diffguide.smooth import VariationRegularizer, use_plain_attention, variation_norms
+from diffguide.smooth import (
+    CAPACITIES,
+    VariationRegularizer,
+    spread_statistics,
+    use_plain_attention,
+    variation_norms,
+    variation_table,
+)
 
 
 def _linear_setup(prediction_type="epsilon"):
@@ -55,13 +62,14 @@ def test_running_target_moves_by_the_decay_and_survives_a_checkpoint():
     assert restored.target == regularizer.target
 
 
-def test_penalty_is_measured_against_the_target_before_the_update():
+def test_penalty_is_measured_against_the_target_after_the_update_as_the_authors_code_does():
     _, denoise, x0, noise, abar, t = _linear_setup()
     regularizer = VariationRegularizer(weight=2.0)
     norms = variation_norms(denoise, x0, noise, t, abar, generator=torch.Generator().manual_seed(0))
     penalty = regularizer.loss(denoise, x0, noise, t, abar, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(penalty, 2.0 * (norms**2).mean())  # a was 0
-    assert regularizer.target == pytest.approx(0.01 * float(norms.mean()))
+    moved = 0.01 * norms.mean()  # a was 0: a' = 0 + 0.01 (mean v - 0)
+    torch.testing.assert_close(penalty, 2.0 * ((norms - moved) ** 2).mean())
+    assert regularizer.target == pytest.approx(float(moved))
 
 
 def test_min_alpha_bar_leaves_low_signal_timesteps_out_of_penalty_and_target():
@@ -69,7 +77,7 @@ def test_min_alpha_bar_leaves_low_signal_timesteps_out_of_penalty_and_target():
     regularizer = VariationRegularizer(weight=1.0, min_alpha_bar=0.3)
     norms = variation_norms(denoise, x0, noise, t, abar, generator=torch.Generator().manual_seed(0))
     penalty = regularizer.loss(denoise, x0, noise, t, abar, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(penalty, (norms[:2] ** 2).mean())
+    torch.testing.assert_close(penalty, ((norms[:2] - 0.01 * norms[:2].mean()) ** 2).mean())
     assert regularizer.target == pytest.approx(0.01 * float(norms[:2].mean()))
     assert float(VariationRegularizer(min_alpha_bar=0.999).loss(denoise, x0, noise, t, abar)) == 0.0
     restored = VariationRegularizer()
@@ -226,3 +234,105 @@ def test_digits_batches_are_train_digits_in_minus_one_one_with_labels_dropped_to
     assert torch.equal(labels[~dropped], own[~dropped])
     assert abs(dropped.double().mean().item() - 0.25) < 0.06  # 4.4 standard errors of 1000 draws
     assert (digits_batches(config, label_dropout=1.0)(torch.Generator())[1]["class_labels"] == 10).all()
+
+
+def test_spread_splits_into_within_and_between_timestep_parts():
+    table = torch.tensor([[1.0, 3.0, 2.0], [4.0, 6.0, 8.0]], dtype=torch.float64)
+    stats = spread_statistics(table)
+    flat = table.flatten()
+    assert stats["mean"] == pytest.approx(float(flat.mean()))
+    assert stats["std"] == pytest.approx(float(flat.std(unbiased=False)))
+    within = ((2 / 3) + (8 / 3)) / 2  # the two rows' population variances
+    assert stats["within_std"] == pytest.approx(within**0.5)
+    assert stats["between_std"] == pytest.approx(2.0)  # row means 2 and 6
+    assert stats["std"] ** 2 == pytest.approx(stats["within_std"] ** 2 + stats["between_std"] ** 2)
+    assert stats["cv"] == pytest.approx(stats["std"] / stats["mean"])
+    with pytest.raises(ValueError, match="samples >= 2"):
+        spread_statistics(torch.ones(3, 1))
+
+
+def test_variation_table_is_variation_norms_on_seeded_draws_and_repeats_exactly():
+    _, denoise, x0, _, abar, _ = _linear_setup()
+    timesteps = torch.tensor([10, 500])
+    table = variation_table(denoise, x0, timesteps, abar, seed=3)
+    assert table.shape == (2, 3) and not table.requires_grad
+    for row, timestep in enumerate(timesteps.tolist()):
+        generator = torch.Generator().manual_seed(3 * 1_000_003 + row)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        expected = variation_norms(denoise, x0, noise, torch.full((3,), timestep), abar, generator=generator)
+        torch.testing.assert_close(table[row], expected.detach())
+    torch.testing.assert_close(variation_table(denoise, x0, timesteps, abar, seed=3), table)
+
+
+def _unet_with_attention(num_class_embeds=11):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=8, num_class_embeds=num_class_embeds,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("capacity", ["attention+conv", "full"])
+def test_wider_capacities_train_what_they_name_and_load_back(tmp_path, capacity):
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    from diffguide.models.smooth_lora import SmoothLoraConfig, train_smooth_lora
+    from diffguide.models.training import DDPMScheduler, default_scheduler_config
+
+    config = SmoothLoraConfig(steps=2, batch_size=2, learning_rate=1e-2, rank=2, capacity=capacity)
+
+    def small(generator):
+        return torch.randn(2, 1, 8, 8, generator=generator), {"class_labels": torch.tensor([1, 10])}
+
+    unet = _unet_with_attention()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    record = train_smooth_lora(unet, DDPMScheduler(**default_scheduler_config()), small, tmp_path / "out",
+                               tmp_path / "run", config, progress=False)  # fmt: skip
+    if capacity == "full":
+        assert record["trained_parameters"] == sum(p.numel() for p in _unet_with_attention().parameters())
+        trained = UNet2DModel.from_pretrained(tmp_path / "out" / "unet")
+        changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, before[k])]
+        assert any("resnets" in k for k in changed) and any("attentions" in k for k in changed)
+    else:
+        keys = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors")).keys()
+        modules = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in keys}
+        assert modules == {"to_q", "to_k", "to_v", "0", "conv1", "conv2"}  # "0": to_out.0
+        from diffguide.smooth import load_lora_into
+
+        loaded = load_lora_into(_unet_with_attention(), tmp_path / "out")
+        wrapped = {name.rsplit(".", 1)[-1] for name, m in loaded.named_modules() if hasattr(m, "lora_A")}
+        assert {"conv1", "conv2", "to_q"} <= wrapped
+    with pytest.raises(ValueError, match="capacity"):
+        SmoothLoraConfig(capacity="everything")
+    assert set(CAPACITIES) == {"attention", "attention+conv", "full"}
+
+
+def test_cli_trains_on_the_base_models_own_schedule_and_writes_a_pipeline_for_full(tmp_path, monkeypatch):
+    import diffguide as dg
+    from diffguide.cli import main
+    from diffguide.models import smooth_lora
+    from diffguide.models.pipeline import default_sampling_scheduler
+
+    base = tmp_path / "base"
+    dg.DigitsPipeline(
+        unet=_unet_with_attention(), scheduler=default_sampling_scheduler("linear")
+    ).save_pretrained(base)
+    seen = {}
+    original = smooth_lora.train_smooth_lora
+
+    def spy(unet, scheduler, sample_batch, *args, **kwargs):
+        seen["betas"] = scheduler.config.beta_schedule
+        seen["batch"] = sample_batch(torch.Generator().manual_seed(0))[0].shape
+        return original(unet, scheduler, sample_batch, *args, progress=False, **kwargs)
+
+    monkeypatch.setattr(smooth_lora, "train_smooth_lora", spy)
+    out = tmp_path / "full"
+    code = main(["train", "smooth-lora", "--base", str(base), "--capacity", "full", "--steps", "1", "--batch-size",
+                 "2", "--out", str(out), "--run-dir", str(tmp_path / "run")])  # fmt: skip
+    assert code == 0 and seen["betas"] == "linear" and seen["batch"] == (2, 1, 8, 8)  # sklearn's 8x8 digits
+    loaded = dg.DigitsPipeline.from_pretrained(out)
+    assert loaded.scheduler.config.beta_schedule == "linear"

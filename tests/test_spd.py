@@ -63,6 +63,40 @@ def test_exact_noise_predictor_samples_the_data_point(steps):
     torch.testing.assert_close(sample, x0, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("steps", [100, 7, 2])
+def test_ddim_sampler_is_deterministic_and_lands_on_the_data_point(steps):
+    scheduler = dg.ShortestPathScheduler(num_train_timesteps=100, sample_size=(4, 6), sampler="ddim")
+    x0 = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    scheduler.set_timesteps(steps)
+    start = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    finals = []
+    for seed in (1, 2):  # the generator must not matter
+        sample = start.clone()
+        for t in scheduler.timesteps:
+            abar = scheduler.alphas_cumprod_at(t)[0]
+            eps = inverse_fourier((fourier(sample) - abar.sqrt() * fourier(x0)) / (1 - abar).sqrt())
+            sample = scheduler.step(eps, t, sample, generator=torch.Generator().manual_seed(seed)).prev_sample
+        finals.append(sample)
+    torch.testing.assert_close(finals[0], x0, rtol=1e-6, atol=1e-6)
+    assert torch.equal(finals[0], finals[1])
+    with pytest.raises(ValueError, match="sampler"):
+        dg.ShortestPathScheduler(sampler="euler")
+
+
+def test_ddim_step_is_the_per_frequency_ddim_update():
+    scheduler = dg.ShortestPathScheduler(num_train_timesteps=50, sample_size=4, sampler="ddim")
+    scheduler.set_timesteps(5)
+    sample, eps = torch.randn(1, 1, 4, 4, dtype=torch.float64), torch.randn(1, 1, 4, 4, dtype=torch.float64)
+    t = int(scheduler.timesteps[2])
+    a_t, a_s = (
+        scheduler.alphas_cumprod_at(t)[0],
+        scheduler.alphas_cumprod_at(scheduler.previous_timestep(t))[0],
+    )
+    u0 = (fourier(sample) - (1 - a_t).sqrt() * fourier(eps)) / a_t.sqrt()
+    expected = inverse_fourier(a_s.sqrt() * u0 + (1 - a_s).sqrt() * fourier(eps))
+    torch.testing.assert_close(scheduler.step(eps, t, sample).prev_sample, expected)
+
+
 def _sample_with_optimal_denoiser(scheduler, steps: int, n: int) -> torch.Tensor:
     """Ancestral sampling with the exact E[eps | x_t] of Gaussian data with spectrum D:
     per frequency, E[eps | x_t] = sqrt(1 - abar) x_t / D^tau."""

@@ -5,11 +5,18 @@ For one condition, two Gaussian noises ``z0, z1`` are spherically interpolated a
 distances between adjacent images (pixel values 0-255) are taken; ISTD is the standard
 deviation of those 10 distances, averaged over conditions. A smooth latent space moves
 evenly along the path (low ISTD); a jumpy one concentrates the change in a few steps.
+
+Ours beside the paper's number: the same strips' adjacent distances in any feature space
+(:func:`step_distances` with ``embed``), ISTD over the mean step (scale-free, so pixels and
+features compare, and a model that only shortens every path does not look smoother), and the
+largest step's share of the path (0.1 for an even 11-image strip; near 1 when one step holds
+the whole change). The paper interpolates real images' DDIM-inverted noises as well as random
+ones: :func:`diffguide.inversion.ddim_invert` gives those, :func:`strips_between` samples them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -29,13 +36,63 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, ratio: float) -> torch.Tensor:
     return mixed.reshape(z0.shape).to(z0.dtype)
 
 
-def strip_istd(strip: torch.Tensor) -> float:
-    """ISTD of one interpolation strip: images (K, C, H, W) in [0, 1], K >= 3."""
+def step_distances(
+    strip: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """L2 distances between adjacent images of a strip (K, C, H, W) in [0, 1]: (K - 1,), float64.
+
+    Without ``embed`` in pixel values 0-255 (the paper's); with it, between ``embed(strip)``
+    rows (e.g. a judge's features).
+    """
     if strip.ndim != 4 or strip.shape[0] < 3:
         raise ValueError(f"an interpolation strip is (K>=3, C, H, W) images, got shape {tuple(strip.shape)}")
-    pixels = strip.double() * 255
-    distances = (pixels[1:] - pixels[:-1]).flatten(1).norm(dim=1)
-    return float(distances.std(unbiased=False))
+    points = strip.double() * 255 if embed is None else embed(strip).double()
+    return (points[1:] - points[:-1]).flatten(1).norm(dim=1)
+
+
+def strip_istd(strip: torch.Tensor) -> float:
+    """ISTD of one interpolation strip: images (K, C, H, W) in [0, 1], K >= 3."""
+    return float(step_distances(strip).std(unbiased=False))
+
+
+def path_statistics(distances: torch.Tensor) -> dict[str, float]:
+    """For a (strips, K - 1) table of adjacent distances: the mean ``istd``, the mean step
+    ``mean_step``, ``relative_istd`` (each strip's std over its mean step, averaged) and
+    ``largest_share`` (each strip's largest step over its path length, averaged)."""
+    distances = distances.double()
+    mean_step = distances.mean(dim=1)
+    std = distances.std(dim=1, unbiased=False)
+    return {
+        "istd": float(std.mean()),
+        "mean_step": float(mean_step.mean()),
+        "relative_istd": float((std / mean_step.clamp_min(1e-12)).mean()),
+        "largest_share": float((distances.max(dim=1).values / distances.sum(dim=1).clamp_min(1e-12)).mean()),
+    }
+
+
+@torch.no_grad()
+def strips_between(
+    pipe,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    class_labels: Sequence[int],
+    ratios: Sequence[float] = MIX_RATIOS,
+    **pipe_kwargs,
+) -> torch.Tensor:
+    """The images along slerp paths from ``start[i]`` to ``end[i]`` (noises, (P, C, H, W)) for class
+    ``class_labels[i]``: (P, K, C, H, W) in [0, 1]."""
+    if start.shape != end.shape or len(start) != len(class_labels):
+        raise ValueError(
+            f"start {tuple(start.shape)} and end {tuple(end.shape)} must match, one per class label "
+            f"({len(class_labels)} given)"
+        )
+    strips = []
+    for z0, z1, label in zip(start, end, class_labels, strict=True):
+        latents = torch.cat([slerp(z0[None], z1[None], r) for r in ratios])
+        strips.append(
+            pipe([label] * len(ratios), latents=latents, output_type="pt", **pipe_kwargs).images.cpu()
+        )
+    return torch.stack(strips)
 
 
 @torch.no_grad()
@@ -51,13 +108,19 @@ def interpolation_istd(
     Pair ``i`` interpolates the noises seeded ``seed + 2i`` and ``seed + 2i + 1`` for class
     ``class_labels[i]``. Returns the mean, the per-pair values, and the strips (P, K, C, H, W).
     """
-    shape = tuple(pipe.image_shape)
-    values, strips = [], []
-    for i, label in enumerate(class_labels):
-        z0 = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed + 2 * i))
-        z1 = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed + 2 * i + 1))
-        latents = torch.cat([slerp(z0, z1, r) for r in ratios])
-        strip = pipe([label] * len(ratios), latents=latents, output_type="pt", **pipe_kwargs).images.cpu()
-        values.append(strip_istd(strip))
-        strips.append(strip)
-    return sum(values) / len(values), values, torch.stack(strips)
+    start, end = noise_pairs(tuple(pipe.image_shape), len(class_labels), seed)
+    strips = strips_between(pipe, start, end, class_labels, ratios, **pipe_kwargs)
+    values = [strip_istd(strip) for strip in strips]
+    return sum(values) / len(values), values, strips
+
+
+def noise_pairs(shape: tuple[int, ...], count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair ``i``'s two Gaussian noises, seeded ``seed + 2i`` and ``seed + 2i + 1``: two (count, *shape)."""
+    start = [
+        torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed + 2 * i)) for i in range(count)
+    ]
+    end = [
+        torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed + 2 * i + 1))
+        for i in range(count)
+    ]
+    return torch.cat(start), torch.cat(end)

@@ -4,8 +4,10 @@
 the function itself takes any UNet (``UNet2DModel`` or ``UNet2DConditionModel``), its
 training scheduler and a batch sampler, so SD-type models train the same way. The paper's
 recipe: rank 8 on all attention projections, AdamW at a constant 1e-4, gradient clipping at
-1.0, lambda = 1. The loop runs through accelerate, checkpoints LoRA, optimizer, the
-regularizer's running target and the random state, and resumes exactly.
+1.0, lambda = 1. ``capacity`` widens it to the convolutions (``"attention+conv"``) or to the
+whole network (``"full"``, saved as a UNet folder). The loop runs through accelerate,
+checkpoints the trained weights, optimizer, the regularizer's running target and the random
+state, and resumes exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..callbacks.base import CallbackRunner
 from ..callbacks.smooth_diffusion import SmoothVariation
-from ..smooth import SD15_MIN_ALPHA_BAR, add_lora, lora_state_dict, save_lora
+from ..smooth import CAPACITIES, SD15_MIN_ALPHA_BAR, add_lora, lora_state_dict, save_lora
 from .training import read_checkpoint, write_checkpoint
 
 BatchSampler = Callable[[torch.Generator], tuple[torch.Tensor, dict]]
@@ -33,7 +35,9 @@ class SmoothLoraConfig:
     """Hyper-parameters of a Smooth-LoRA run (``weight=0`` is the control run).
 
     ``min_alpha_bar``: the penalty skips timesteps with less signal than SD 1.5's last one
-    (no-op on SD's own schedule; see :mod:`diffguide.smooth`)."""
+    (no-op on SD's own schedule; see :mod:`diffguide.smooth`). ``capacity``: a key of
+    :data:`diffguide.smooth.CAPACITIES` (``rank`` applies to the LoRA ones). ``source``: the
+    digits :func:`digits_batches` reads (``"mnist"`` 28x28 or ``"sklearn"`` 8x8)."""
 
     steps: int = 1000
     batch_size: int = 64
@@ -44,6 +48,12 @@ class SmoothLoraConfig:
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint_every: int = 100
+    capacity: str = "attention"
+    source: str = "mnist"
+
+    def __post_init__(self) -> None:
+        if self.capacity not in CAPACITIES:
+            raise ValueError(f"capacity must be one of {sorted(CAPACITIES)}, got {self.capacity!r}")
 
 
 def digits_batches(
@@ -53,7 +63,7 @@ def digits_batches(
     rate the default model was trained with)."""
     from .data import load_digits
 
-    images, labels = load_digits("train")
+    images, labels = load_digits("train", source=config.source)
     data = images * 2 - 1
 
     def sample(generator: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -75,9 +85,11 @@ def train_smooth_lora(
     progress: bool = True,
     stop_after_steps: int | None = None,
 ) -> dict | None:
-    """Train a LoRA on ``unet`` with the denoising loss plus ``config.weight`` times the variation
-    penalty; save it to ``output_dir`` (diffusers' LoRA format). Returns the training record, or
-    ``None`` when stopped early by ``stop_after_steps`` (resume with the same ``run_dir``)."""
+    """Train a LoRA on ``unet`` (or, with ``capacity="full"``, all of it) with the denoising loss
+    plus ``config.weight`` times the variation penalty; save it to ``output_dir`` (diffusers' LoRA
+    format, or the UNet's ``save_pretrained`` folder ``output_dir/unet``). Returns the training
+    record, or ``None`` when stopped early by ``stop_after_steps`` (resume with the same
+    ``run_dir``)."""
     from accelerate import Accelerator
     from peft import set_peft_model_state_dict
 
@@ -85,7 +97,11 @@ def train_smooth_lora(
     output_dir, run_dir = Path(output_dir), Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     prediction_type = noise_scheduler.config.prediction_type
-    add_lora(unet, config.rank)
+    full = CAPACITIES[config.capacity] is None
+    if full:
+        unet.requires_grad_(True)
+    else:
+        add_lora(unet, config.rank, CAPACITIES[config.capacity])
     parameters = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
     smooth = SmoothVariation(weight=config.weight, min_alpha_bar=config.min_alpha_bar)
@@ -94,7 +110,10 @@ def train_smooth_lora(
     checkpoint = run_dir / "checkpoint.pt"
     state = read_checkpoint(checkpoint, config)
     if state is not None:
-        set_peft_model_state_dict(unet, {k.removeprefix("unet."): v for k, v in state["lora"].items()})
+        if full:
+            unet.load_state_dict(state["weights"])
+        else:
+            set_peft_model_state_dict(unet, {k.removeprefix("unet."): v for k, v in state["lora"].items()})
         optimizer.load_state_dict(state["optimizer"])
         smooth.load_state_dict(state["regularizer"])
         generator.set_state(state["generator"])
@@ -105,10 +124,16 @@ def train_smooth_lora(
     runner = CallbackRunner([smooth], unet, optimizer, total_steps=config.steps, accelerator=accelerator)
     runner.ctx.step = step
 
+    def trained_weights() -> dict:
+        model = accelerator.unwrap_model(unet)
+        if full:
+            return {"weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        return {"lora": lora_state_dict(model)}
+
     def save_checkpoint() -> None:
         state = {
             "config": asdict(config),
-            "lora": lora_state_dict(accelerator.unwrap_model(unet)),
+            **trained_weights(),
             "optimizer": optimizer.state_dict(),
             "regularizer": smooth.state_dict(),
             "generator": generator.get_state(),
@@ -154,7 +179,10 @@ def train_smooth_lora(
             bar.close()
             return None
     bar.close()
-    save_lora(accelerator.unwrap_model(unet), output_dir)
+    if full:
+        accelerator.unwrap_model(unet).save_pretrained(output_dir / "unet")
+    else:
+        save_lora(accelerator.unwrap_model(unet), output_dir)
     tail = losses[-100:]
     record = {
         "config": asdict(config),
@@ -163,6 +191,7 @@ def train_smooth_lora(
         "final_mse_mean_last_100": sum(m for m, _ in tail) / len(tail),
         "final_penalty_mean_last_100": sum(p for _, p in tail) / len(tail),
         "running_target": smooth.regularizer.target,
+        "trained_parameters": sum(p.numel() for p in parameters),
     }
     (output_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return record

@@ -20,6 +20,10 @@ authors do) and the posterior variance ``(1 - abar_{t-1}) / (1 - abar_t) beta_t`
 inference steps than T (ours; the authors always run all T), consecutive kept timesteps
 define ``beta`` the same way, which is exact per frequency because the forward process is
 Markov in each frequency with marginals ``abar_t(f)``.
+
+``sampler="ddim"`` (ours) is the deterministic member of the same family per frequency
+(Song et al.'s DDIM with eta = 0): ``u_prev = sqrt(abar_prev) u0_hat + sqrt(1 - abar_prev) eps_hat``
+with ``u0_hat = (u_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)`` (0 where ``abar_t = 0``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 AUTHORS_CIFAR10 = {"c1": 1.59, "c2": 0.0086, "m": 2.0}
 MAX_BETA = 0.999
+SAMPLERS = ("ancestral", "ddim")
 
 
 @dataclass
@@ -121,6 +126,7 @@ class ShortestPathScheduler(SchedulerMixin, ConfigMixin):
         spectrum: optional explicit ``D_f`` as an (H, W) nested list (e.g. ``radial_power_spectrum``
             of the training data); overrides c1, c2, m.
         prediction_type: ``"epsilon"`` only (the authors' training objective).
+        sampler: ``"ancestral"`` (the authors') or ``"ddim"`` (deterministic, ours; module docstring).
     """
 
     order = 1
@@ -135,7 +141,10 @@ class ShortestPathScheduler(SchedulerMixin, ConfigMixin):
         m: float = AUTHORS_CIFAR10["m"],
         spectrum: list | None = None,
         prediction_type: str = "epsilon",
+        sampler: str = "ancestral",
     ):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
         if prediction_type != "epsilon":
@@ -214,11 +223,14 @@ class ShortestPathScheduler(SchedulerMixin, ConfigMixin):
         generator: torch.Generator | None = None,
         return_dict: bool = True,
     ) -> ShortestPathSchedulerOutput | tuple:
-        """One ancestral step in Fourier space from ``timestep`` to the previous kept timestep."""
+        """One step in Fourier space (ancestral, or DDIM with ``sampler="ddim"``) from ``timestep``
+        to the previous kept timestep."""
         self._check_shape(sample)
         t, t_prev = int(timestep), self.previous_timestep(timestep)
         abar_t = self.alphas_cumprod_at(t)[0].to(sample.device)
         abar_prev = self.alphas_cumprod_at(t_prev)[0].to(sample.device)
+        if self.config.sampler == "ddim":
+            return self._ddim_step(model_output, sample, abar_t, abar_prev, return_dict)
         beta = (1 - abar_t / abar_prev.clamp_min(1e-300)).clamp(0, MAX_BETA)
         alpha = 1 - beta
         u_t, eps = fourier(sample.double()), fourier(model_output.double())
@@ -233,6 +245,15 @@ class ShortestPathScheduler(SchedulerMixin, ConfigMixin):
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float64)
             mean = mean + variance.sqrt() * fourier(noise)
         prev = inverse_fourier(mean).to(sample.dtype)
+        x0 = inverse_fourier(u_0).to(sample.dtype)
+        if not return_dict:
+            return (prev, x0)
+        return ShortestPathSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _ddim_step(self, model_output, sample, abar_t, abar_prev, return_dict):
+        u_t, eps = fourier(sample.double()), fourier(model_output.double())
+        u_0 = torch.where(abar_t > 0, (u_t - (1 - abar_t).sqrt() * eps) / abar_t.clamp_min(1e-300).sqrt(), 0)
+        prev = inverse_fourier(abar_prev.sqrt() * u_0 + (1 - abar_prev).sqrt() * eps).to(sample.dtype)
         x0 = inverse_fourier(u_0).to(sample.dtype)
         if not return_dict:
             return (prev, x0)
