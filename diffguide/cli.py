@@ -501,6 +501,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from diffusers import DDPMScheduler
 
         from .models.smooth_lora import SmoothLoraConfig, digits_batches, train_smooth_lora
+        from .smooth import training_alphas_cumprod
 
         pipe = _load_model(args.base, None)
         sources = {28: "mnist", 8: "sklearn"}
@@ -515,6 +516,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             rank=args.rank, weight=args.weight, seed=args.seed, capacity=args.capacity, source=sources[size],
             min_alpha_bar=base.min_alpha_bar if args.min_alpha_bar is None else args.min_alpha_bar,
         )  # fmt: skip
+        try:
+            training_alphas_cumprod(pipe.scheduler)
+        except ValueError as err:
+            raise UsageError(f"--base {args.base}: {err}") from None
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the base model's own training schedule
         out = args.out or f"runs/smooth-lora-w{args.weight:g}"
         run_dir = args.run_dir or f"runs/smooth-lora-w{args.weight:g}-run"

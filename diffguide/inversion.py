@@ -45,6 +45,11 @@ def ddim_invert(
         raise ValueError(
             f"DDIM inversion needs a DDIMScheduler, got {type(scheduler).__name__}: set pipe.scheduler"
         )
+    if scheduler.config.get("clip_sample") or scheduler.config.get("thresholding"):
+        raise ValueError(
+            "DDIM inversion cannot undo clip_sample or thresholding: sample with "
+            "DDIMScheduler.from_config(config, clip_sample=False, thresholding=False)"
+        )
     if scheduler.config.prediction_type != "epsilon":
         raise ValueError(
             f"DDIM inversion here takes an epsilon model, got {scheduler.config.prediction_type!r}"

@@ -52,6 +52,19 @@ def predicted_x0(
     return to_denoised(output, x_t, abar.sqrt(), (1 - abar).sqrt(), prediction_type)
 
 
+def training_alphas_cumprod(scheduler) -> torch.Tensor:
+    """``abar`` by timestep of a DDPM-family scheduler (DDPM, DDIM, ...), for the penalty; a
+    ValueError naming the scheduler otherwise (SPD has one ``abar`` per frequency, flow
+    schedulers none, so ``x0_hat``'s scalar form does not apply)."""
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    if not isinstance(alphas_cumprod, torch.Tensor) or "beta_schedule" not in scheduler.config:
+        raise ValueError(
+            f"Smooth Diffusion's penalty needs a DDPM-type schedule (one alpha_bar per timestep); "
+            f"{type(scheduler).__name__} has none: fine-tune a DDPM/DDIM-trained model"
+        )
+    return alphas_cumprod
+
+
 def variation_norms(
     denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x0: torch.Tensor,
@@ -129,8 +142,8 @@ def variation_table(
 class VariationRegularizer:
     """The regularizer with its running target ``a``: a loss term for any training loop.
 
-    ``loss(...)`` returns ``weight * mean((v - a)^2)`` and then moves ``a`` towards ``mean(v)``
-    by ``decay``; ``state_dict`` / ``load_state_dict`` carry ``a`` through checkpoints. Samples
+    ``loss(...)`` moves ``a`` towards ``mean(v)`` by ``decay`` and returns
+    ``weight * mean((v - a)^2)`` against the moved ``a`` (the authors' order); ``state_dict`` / ``load_state_dict`` carry ``a`` through checkpoints. Samples
     whose ``abar`` is below ``min_alpha_bar`` are left out (0, the paper: none are).
     """
 

@@ -94,7 +94,7 @@ def score(pipe: dg.DigitsPipeline, data: dict, args: argparse.Namespace) -> dict
         table = variation_table(lambda x, t: unet(x, t, class_labels=spread_y).sample, spread_x0, timesteps,
                                 scheduler.alphas_cumprod, seed=args.seed)  # fmt: skip
     record = {"spread": spread_statistics(table), "spread_by_timestep": {
-        "timesteps": timesteps.tolist(), "mean": table.mean(1).tolist(), "std": table.std(1).tolist()}}  # fmt: skip
+        "timesteps": timesteps.tolist(), "mean": table.mean(1).tolist(), "std": table.std(1, unbiased=False).tolist()}}  # fmt: skip
 
     def paths(strips: torch.Tensor) -> dict:
         pixel = torch.stack([step_distances(strip) for strip in strips])
@@ -196,7 +196,11 @@ def run_map(args: argparse.Namespace) -> None:
     ]
     records = []
     for name, steps, folder in entries:
-        key = f"map/{args.base}/{name}/{steps}/{settings_key(args)}"
+        trained = json.loads((folder / "training.json").read_text())["config"] if folder else {}
+        fingerprint = ",".join(
+            f"{k}={v}" for k, v in sorted(trained.items())
+        )  # a retrained point is rescored
+        key = f"map/{args.base}/{name}/{steps}/{fingerprint}/{settings_key(args)}"
         record = cached_row(
             CACHE,
             key,
@@ -220,6 +224,105 @@ def run_map(args: argparse.Namespace) -> None:
                   f"`{args.base}`. {args.spread_images} test images for the spread, {args.pairs} random and "
                   f"{args.real_pairs} real pairs, {10 * args.n_per_class} samples for FD (pixels, 64 dims); "
                   f"CFG {args.scale:g}, DDIM {args.steps}.\n\n" + markdown_table(header(False), rows))  # fmt: skip
+
+
+def strip_figure(
+    base: str, variants: list[str], map_dir: Path, args: argparse.Namespace, pairs: int = 3
+) -> Path:
+    """Real-pair strips (DDIM-inverted ends, no guidance) of the base and of each map snapshot
+    ``point/steps``, the same pairs in every block: docs/figures/smooth_strips_<base>.png."""
+    from diffguide.images import labelled_grid
+
+    data = held_out(base)
+    chosen = real_pairs(data["labels"], pairs, args.seed)
+    first, second = torch.tensor([a for a, _ in chosen]), torch.tensor([b for _, b in chosen])
+    labels = data["labels"][first].tolist()
+    rows, names = [], []
+    for variant in ["base", *variants]:
+        pipe = load_variant(base, None if variant == "base" else str(map_dir / variant))
+        z0 = ddim_invert(pipe, data["images"][first], labels, args.steps)
+        z1 = ddim_invert(pipe, data["images"][second], labels, args.steps)
+        strips = strips_between(pipe, z0, z1, labels, guidance_scale=1.0, num_inference_steps=args.steps)
+        rows.append(strips.flatten(0, 1))
+        names += [f"{variant} #{i}" for i in range(pairs)]
+    zoom = max(1, 56 // data["images"].shape[-1])
+    grid = labelled_grid(torch.cat(rows), names, zoom=zoom, margin=170)
+    path = ROOT / "docs" / "figures" / f"smooth_strips_{Path(base).name}.png"
+    grid.save(path)
+    return path
+
+
+def gradient_scales(base: str, capacity: str, batches: int = 8, batch_size: int = 32, seed: int = 0) -> dict:
+    """The penalty's gradient against the denoising loss's, on the parameters ``capacity`` trains,
+    at the start of a fine-tune of ``base`` (LoRA freshly injected; the running target set to the
+    model's own mean ``v`` so the penalty is the spread, not the start-up pull from ``a = 0``)."""
+    import torch.nn.functional as F
+
+    from diffguide.models.smooth_lora import SmoothLoraConfig, digits_batches
+    from diffguide.smooth import CAPACITIES, VariationRegularizer, add_lora
+
+    pipe = load_variant(base, None)
+    unet = pipe.unet
+    use_plain_attention(unet)
+    if CAPACITIES[capacity] is None:
+        unet.requires_grad_(True)
+    else:
+        add_lora(unet, 8, CAPACITIES[capacity])
+    parameters = [p for p in unet.parameters() if p.requires_grad]
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    source = "mnist" if pipe.image_shape[-1] == 28 else "sklearn"
+    sample = digits_batches(SmoothLoraConfig(batch_size=batch_size, source=source))
+    generator = torch.Generator().manual_seed(seed)
+    regularizer = VariationRegularizer(weight=1.0, min_alpha_bar=SD15_MIN_ALPHA_BAR)
+    rows = []
+    for index in range(batches + 1):
+        x0, cond = sample(generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+
+        def denoise(x, timesteps, cond=cond):
+            return unet(x, timesteps, **cond).sample
+
+        if index == 0:  # the target starts where the model is: its mean v over the timesteps the penalty sees
+            kept = torch.nonzero(scheduler.alphas_cumprod >= SD15_MIN_ALPHA_BAR).flatten()
+            grid = kept[torch.linspace(0, len(kept) - 1, 16).round().long()]
+            regularizer.target = float(variation_table(denoise, x0, grid, scheduler.alphas_cumprod).mean())
+            continue
+        mse = F.mse_loss(denoise(scheduler.add_noise(x0, noise, t), t), noise)
+        penalty = regularizer.loss(denoise, x0, noise, t, scheduler.alphas_cumprod, generator=generator)
+        g_mse = torch.cat([g.flatten() for g in torch.autograd.grad(mse, parameters, allow_unused=True,
+                                                                     materialize_grads=True)])  # fmt: skip
+        g_pen = torch.cat([g.flatten() for g in torch.autograd.grad(penalty, parameters, allow_unused=True,
+                                                                     materialize_grads=True)])  # fmt: skip
+        rows.append([float(mse), float(penalty), float(g_mse.norm()), float(g_pen.norm()),
+                     float(torch.nn.functional.cosine_similarity(g_mse, g_pen, dim=0)), float((g_mse + g_pen).norm())])  # fmt: skip
+    table = torch.tensor(rows, dtype=torch.float64)
+    median = table.median(dim=0).values.tolist()
+    return {"capacity": capacity, "trained_parameters": sum(p.numel() for p in parameters), "batches": batches,
+            "mse": median[0], "penalty": median[1], "grad_mse": median[2], "grad_penalty": median[3],
+            "cosine": median[4], "grad_total": median[5],
+            "clipped_share": float((table[:, 5] > 1.0).double().mean())}  # fmt: skip
+
+
+def run_gradients(args: argparse.Namespace) -> None:
+    records = []
+    for capacity in ("attention", "attention+conv", "full"):
+        key = f"gradients/{args.base}/{capacity}/{args.seed}"
+        records.append(
+            cached_row(
+                CACHE, key, lambda capacity=capacity: gradient_scales(args.base, capacity, seed=args.seed)
+            )
+        )
+        print(records[-1], flush=True)
+    rows = [[r["capacity"], f"{r['trained_parameters']:,}", f"{r['mse']:.4f}", f"{r['penalty']:.2e}",
+             f"{r['grad_mse']:.3g}", f"{r['grad_penalty']:.3g}", f"{r['grad_penalty'] / r['grad_mse']:.3g}",
+             f"{r['cosine']:+.2f}", f"{r['clipped_share']:.0%}"] for r in records]  # fmt: skip
+    command = "python evals/smooth.py " + " ".join(sys.argv[1:])
+    write_section("smooth_gradients", f"## Smooth Diffusion: the penalty's gradient against the denoising loss's\n\n"
+                  f"`{command.strip()}` ({machine()}); `{args.base}`, medians over 8 batches of 32 at the start of "
+                  "a fine-tune, lambda = 1, the running target set to the model's mean v.\n\n"
+                  + markdown_table(["trained", "parameters", "MSE", "penalty", "|grad MSE|", "|grad penalty|",
+                                    "ratio", "cosine", "steps clipped (norm > 1)"], rows))  # fmt: skip
 
 
 def run_model(args: argparse.Namespace) -> None:
@@ -261,6 +364,10 @@ def main() -> None:
     parser.add_argument(
         "--model", default=None, help="'default': base, --lora and --control on the 28x28 model"
     )
+    parser.add_argument("--gradients", action="store_true", help="the penalty's gradient scale on --base")
+    parser.add_argument(
+        "--figure", default=None, help="comma-separated map snapshots (point/steps) to draw beside --base"
+    )
     parser.add_argument("--lora", default=str(ROOT / "diffguide" / "models" / "default" / "smooth_lora"))
     parser.add_argument("--control", default=str(ROOT / "checkpoints" / "smooth-lora-w0"))
     parser.add_argument("--pairs", type=int, default=50)
@@ -274,9 +381,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.map == (args.model is not None):
-        parser.error("give one of --map or --model")
-    run_map(args) if args.map else run_model(args)
+    if sum([args.map, args.model is not None, args.gradients, args.figure is not None]) != 1:
+        parser.error("give one of --map, --model, --gradients or --figure")
+    if args.figure is not None:
+        print(strip_figure(args.base, args.figure.split(","), Path(args.map_dir), args))
+    elif args.gradients:
+        run_gradients(args)
+    elif args.map:
+        run_map(args)
+    else:
+        run_model(args)
 
 
 if __name__ == "__main__":

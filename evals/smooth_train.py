@@ -5,7 +5,8 @@
 
 Each point is ``diffguide train smooth-lora``'s loop (``train_smooth_lora``) stopped at every
 budget in turn and resumed from its checkpoint, so the 300-step snapshot is the first 300
-steps of the 1,000-step run. A snapshot is a LoRA folder or, for ``--capacity full``, a
+steps of the 1,000-step run (the largest budget is part of the run's config: a longer list
+needs a new ``--out``). A snapshot is a LoRA folder or, for ``--capacity full``, a
 pipeline folder; ``evals/smooth.py --map`` scores them.
 """
 
@@ -20,7 +21,7 @@ from diffusers import DDPMScheduler
 
 import diffguide as dg
 from diffguide.models.smooth_lora import SmoothLoraConfig, digits_batches, train_smooth_lora
-from diffguide.smooth import save_lora
+from diffguide.smooth import save_lora, training_alphas_cumprod
 
 #: the learning rates of the map: LoRA at 10x the paper's 1e-4 (budgets 30-100x shorter), a
 #: full fine-tune at the paper's (1e-3 diverged in a 3-step trial: penalty 4.0 against 0.04)
@@ -47,6 +48,7 @@ def train_point(base: str, capacity: str, weight: float, budgets: list[int], out
             steps=max(budgets), batch_size=batch_size, seed=seed, weight=weight, capacity=capacity,
             learning_rate=learning_rate or LEARNING_RATES[capacity], source=sources[pipe.unet.config.sample_size],
         )  # fmt: skip
+        training_alphas_cumprod(pipe.scheduler)  # refuses SPD and flow bases
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         record = train_smooth_lora(pipe.unet, scheduler, digits_batches(config), folder, out / name / "run", config,
                                    progress=False, stop_after_steps=budget)  # fmt: skip
@@ -56,7 +58,8 @@ def train_point(base: str, capacity: str, weight: float, budgets: list[int], out
             record = {"config": state["config"], "steps": state["step"], "train_seconds": round(state["elapsed"], 1),
                       "final_mse_mean_last_100": sum(m for m, _ in tail) / len(tail),
                       "final_penalty_mean_last_100": sum(p for _, p in tail) / len(tail),
-                      "running_target": state["regularizer"]["target"]}  # fmt: skip
+                      "running_target": state["regularizer"]["target"],
+                      "trained_parameters": sum(p.numel() for p in pipe.unet.parameters() if p.requires_grad)}  # fmt: skip
             if capacity == "full":
                 pipe.unet.save_pretrained(folder / "unet")
             else:

@@ -95,7 +95,13 @@ def test_ddim_inversion_is_exact_for_a_constant_noise_predictor_and_sampling_ret
     from diffguide.inversion import ddim_invert
 
     noise = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    tiny_pipe.predict = lambda x, t, labels: noise.expand_as(x).to(x.dtype)  # x0_hat never changes
+    called = []
+
+    def predict(x, t, labels):  # a constant noise estimate: x0_hat never changes along the path
+        called.append(int(t))
+        return noise.expand_as(x).to(x.dtype)
+
+    tiny_pipe.predict = predict
     images = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     latent = ddim_invert(tiny_pipe, images, [1, 2], num_inference_steps=5)
     abar_start = tiny_pipe.scheduler.alphas_cumprod[tiny_pipe.scheduler.timesteps[0]]
@@ -131,6 +137,10 @@ def test_interpolation_istd_samples_the_same_strips_as_strips_between_on_its_noi
     )
     again = strips_between(tiny_pipe, start, end, [1, 2], num_inference_steps=2)
     torch.testing.assert_close(again, strips)
+    one_at_a_time = strips_between(tiny_pipe, start, end, [1, 2], pairs_per_call=1, num_inference_steps=2)
+    torch.testing.assert_close(one_at_a_time, strips, rtol=1e-5, atol=1e-5)  # batching keeps strips in order
+    swapped = strips_between(tiny_pipe, end, start, [1, 2], pairs_per_call=1, num_inference_steps=2)
+    torch.testing.assert_close(swapped, strips.flip(1), rtol=1e-5, atol=1e-5)  # slerp is symmetric
     assert mean == pytest.approx(sum(values) / 2)
     with pytest.raises(ValueError, match="one per class label"):
         strips_between(tiny_pipe, start, end, [1], num_inference_steps=2)

@@ -319,7 +319,7 @@ def test_cli_trains_on_the_base_models_own_schedule_and_writes_a_pipeline_for_fu
 
     base = tmp_path / "base"
     dg.DigitsPipeline(
-        unet=_unet_with_attention(), scheduler=default_sampling_scheduler("linear")
+        unet=_unet_with_attention(), scheduler=default_sampling_scheduler("scaled_linear")
     ).save_pretrained(base)
     seen = {}
     original = smooth_lora.train_smooth_lora
@@ -333,6 +333,38 @@ def test_cli_trains_on_the_base_models_own_schedule_and_writes_a_pipeline_for_fu
     out = tmp_path / "full"
     code = main(["train", "smooth-lora", "--base", str(base), "--capacity", "full", "--steps", "1", "--batch-size",
                  "2", "--out", str(out), "--run-dir", str(tmp_path / "run")])  # fmt: skip
-    assert code == 0 and seen["betas"] == "linear" and seen["batch"] == (2, 1, 8, 8)  # sklearn's 8x8 digits
+    assert code == 0 and seen["betas"] == "scaled_linear" and seen["batch"] == (2, 1, 8, 8)  # sklearn's 8x8
     loaded = dg.DigitsPipeline.from_pretrained(out)
-    assert loaded.scheduler.config.beta_schedule == "linear"
+    assert loaded.scheduler.config.beta_schedule == "scaled_linear"
+    spd = tmp_path / "spd"
+    dg.DigitsPipeline(
+        unet=_unet_with_attention(), scheduler=dg.ShortestPathScheduler(sample_size=8)
+    ).save_pretrained(spd)
+    refused = main(
+        ["train", "smooth-lora", "--base", str(spd), "--steps", "1", "--out", str(tmp_path / "no")]
+    )
+    assert refused == 2  # with the reason, not trained on diffusers' default betas
+    assert not (tmp_path / "no").exists()
+
+
+def test_a_checkpoint_at_or_past_the_budget_is_not_trained_further(tmp_path):
+    from diffguide.models.smooth_lora import SmoothLoraConfig, train_smooth_lora
+    from diffguide.models.training import DDPMScheduler, default_scheduler_config
+
+    config = SmoothLoraConfig(steps=4, batch_size=2, learning_rate=1e-2, rank=2, checkpoint_every=1)
+    scheduler = DDPMScheduler(**default_scheduler_config())
+
+    def small(generator):
+        return torch.randn(2, 1, 8, 8, generator=generator), {"class_labels": torch.tensor([1, 10])}
+
+    def run(stop):
+        return train_smooth_lora(_unet_with_attention(), scheduler, small, tmp_path / "out", tmp_path / "run", config,
+                                 progress=False, stop_after_steps=stop)  # fmt: skip
+
+    assert run(2) is None
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert run(2) is None  # already there: nothing trained, nothing written
+    again = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert again["step"] == saved["step"] == 2
+    with pytest.raises(ValueError, match="past stop_after_steps"):
+        run(1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..smooth import VariationRegularizer, use_plain_attention
+from ..smooth import VariationRegularizer, training_alphas_cumprod, use_plain_attention
 from .base import Callback, TrainContext
 
 
@@ -56,7 +56,7 @@ class SmoothVariation(Callback):
             ctx.extras["x0"],
             ctx.noise,
             ctx.timesteps,
-            scheduler.alphas_cumprod.to(ctx.noise.device),
+            training_alphas_cumprod(scheduler).to(ctx.noise.device),
             scheduler.config.prediction_type,
             ctx.extras.get("generator"),
         )

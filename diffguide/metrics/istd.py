@@ -77,22 +77,28 @@ def strips_between(
     end: torch.Tensor,
     class_labels: Sequence[int],
     ratios: Sequence[float] = MIX_RATIOS,
+    pairs_per_call: int = 10,
     **pipe_kwargs,
 ) -> torch.Tensor:
     """The images along slerp paths from ``start[i]`` to ``end[i]`` (noises, (P, C, H, W)) for class
-    ``class_labels[i]``: (P, K, C, H, W) in [0, 1]."""
+    ``class_labels[i]``: (P, K, C, H, W) in [0, 1]; ``pairs_per_call`` strips share a pipeline call."""
     if start.shape != end.shape or len(start) != len(class_labels):
         raise ValueError(
             f"start {tuple(start.shape)} and end {tuple(end.shape)} must match, one per class label "
             f"({len(class_labels)} given)"
         )
-    strips = []
-    for z0, z1, label in zip(start, end, class_labels, strict=True):
-        latents = torch.cat([slerp(z0[None], z1[None], r) for r in ratios])
-        strips.append(
-            pipe([label] * len(ratios), latents=latents, output_type="pt", **pipe_kwargs).images.cpu()
-        )
-    return torch.stack(strips)
+    if pairs_per_call < 1:
+        raise ValueError(f"pairs_per_call must be >= 1, got {pairs_per_call}")
+    latents = torch.stack(
+        [torch.cat([slerp(z0[None], z1[None], r) for r in ratios]) for z0, z1 in zip(start, end, strict=True)]
+    )
+    labels = [int(label) for label in class_labels for _ in ratios]
+    images = []
+    for first in range(0, len(start), pairs_per_call):
+        chunk = latents[first : first + pairs_per_call].flatten(0, 1)
+        chunk_labels = labels[first * len(ratios) : (first + pairs_per_call) * len(ratios)]
+        images.append(pipe(chunk_labels, latents=chunk, output_type="pt", **pipe_kwargs).images.cpu())
+    return torch.cat(images).reshape(len(start), len(ratios), *images[0].shape[1:])
 
 
 @torch.no_grad()

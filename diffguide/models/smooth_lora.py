@@ -118,6 +118,10 @@ def train_smooth_lora(
         smooth.load_state_dict(state["regularizer"])
         generator.set_state(state["generator"])
         step, elapsed, losses = state["step"], state["elapsed"], state["losses"]
+    if stop_after_steps is not None and step > stop_after_steps:
+        raise ValueError(f"{checkpoint} is already at step {step}, past stop_after_steps={stop_after_steps}")
+    if stop_after_steps is not None and step == stop_after_steps:
+        return None  # nothing to train: the checkpoint holds exactly this budget
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     unet, optimizer = accelerator.prepare(unet, optimizer)
