@@ -47,7 +47,9 @@ from diffguide.metrics.istd import noise_pairs, path_statistics, step_distances,
 from diffguide.smooth import SD15_MIN_ALPHA_BAR, spread_statistics, use_plain_attention, variation_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = RESULTS / "smooth_rows.json"
+CACHE = RESULTS / "smooth_rows.json"  # the 8x8 map's rows
+MODEL_CACHE = RESULTS / "smooth_model_rows.json"  # one process writes each file
+GRADIENT_CACHE = RESULTS / "smooth_gradient_rows.json"
 
 
 def load_variant(base: str, variant: str | None) -> dg.DigitsPipeline:
@@ -157,6 +159,20 @@ def held_out(base: str) -> dict:
     }
 
 
+def shown(path: str) -> str:
+    """A path as the docs show it: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def measured(args: argparse.Namespace, quality: str) -> str:
+    """The sentence that says on what each row was measured."""
+    return (f"{args.spread_images} test images for the spread, {args.pairs} random and {args.real_pairs} real "
+            f"pairs, {10 * args.n_per_class} samples for {quality}; CFG {args.scale:g}, DDIM {args.steps}.")  # fmt: skip
+
+
 def settings_key(args: argparse.Namespace) -> str:
     return (f"pairs{args.pairs}/real{args.real_pairs}/n{args.n_per_class}/spread{args.spread_images}/"
             f"w{args.scale:g}/s{args.steps}/seed{args.seed}")  # fmt: skip
@@ -172,8 +188,17 @@ def row(name: str, steps: int | str, record: dict, with_features: bool) -> list:
             f"{record['random']['feature']['relative_istd']:.3f}",
             f"{record['real']['feature']['relative_istd']:.3f}",
         ]
-    cells += [f"{record['real']['pixel']['largest_share']:.2f}", f"{record['fd']:.1f}"]
+    cells += [f"{record['real']['pixel']['largest_share']:.2f}", f"{record['fd']:.3g}"]
     return cells
+
+
+def against(record: dict, control: dict | None) -> list[str]:
+    """ISTD reduction (control / model, > 1 is smoother) and FD change against the control."""
+    if control is None or control is record:
+        return ["-", "-", "-"]
+    return [f"{control['random']['pixel']['istd'] / record['random']['pixel']['istd']:.2f}x",
+            f"{control['real']['pixel']['istd'] / record['real']['pixel']['istd']:.2f}x",
+            f"{record['fd'] / control['fd'] - 1:+.0%}"]  # fmt: skip
 
 
 def header(with_features: bool) -> list[str]:
@@ -181,7 +206,8 @@ def header(with_features: bool) -> list[str]:
              "ISTD real", "rel. ISTD real"]  # fmt: skip
     if with_features:
         cells += ["rel. ISTD random (features)", "rel. ISTD real (features)"]
-    return cells + ["largest step share (real)", "FD to test"]
+    return cells + ["largest step share (real)", "FD to test", "ISTD random: control / this",
+                    "ISTD real: control / this", "FD vs control"]  # fmt: skip
 
 
 def run_map(args: argparse.Namespace) -> None:
@@ -200,7 +226,7 @@ def run_map(args: argparse.Namespace) -> None:
         fingerprint = ",".join(
             f"{k}={v}" for k, v in sorted(trained.items())
         )  # a retrained point is rescored
-        key = f"map/{args.base}/{name}/{steps}/{fingerprint}/{settings_key(args)}"
+        key = f"map/{shown(args.base)}/{name}/{steps}/{fingerprint}/{settings_key(args)}"
         record = cached_row(
             CACHE,
             key,
@@ -216,14 +242,23 @@ def run_map(args: argparse.Namespace) -> None:
             record["fd"],
             flush=True,
         )
-    rows = [row(r["name"], r["steps"], r, False) for r in records]
+
+    def control_of(record: dict) -> dict | None:
+        capacity = record["name"].rsplit("-w", 1)[0]
+        return next(
+            (r for r in records if r["name"] == f"{capacity}-w0" and r["steps"] == record["steps"]), None
+        )
+
+    order = {"base": 0, "attention": 1, "attention+conv": 2, "full": 3}
+    records.sort(key=lambda r: (order.get(r["name"].rsplit("-w", 1)[0], 9), r["steps"],
+                                float(r["name"].rsplit("-w", 1)[-1]) if "-w" in r["name"] else 0))  # fmt: skip
+    rows = [row(r["name"], r["steps"], r, False) + against(r, control_of(r)) for r in records]
     command = "python evals/smooth.py " + " ".join(sys.argv[1:])
     write_result("smooth_map", {"command": command, "machine": machine(), "rows": records})
     write_section("smooth_map", f"## Smooth Diffusion: the 8x8 map (capacity x lambda x steps)\n\n"
                   f"`{command.strip()}` ({machine()}); points trained by `evals/smooth_train.py` from "
-                  f"`{args.base}`. {args.spread_images} test images for the spread, {args.pairs} random and "
-                  f"{args.real_pairs} real pairs, {10 * args.n_per_class} samples for FD (pixels, 64 dims); "
-                  f"CFG {args.scale:g}, DDIM {args.steps}.\n\n" + markdown_table(header(False), rows))  # fmt: skip
+                  f"`{shown(args.base)}`. {measured(args, 'FD (pixels, 64 dims)')}\n\n"
+                  + markdown_table(header(False), rows))  # fmt: skip
 
 
 def strip_figure(
@@ -307,10 +342,12 @@ def gradient_scales(base: str, capacity: str, batches: int = 8, batch_size: int 
 def run_gradients(args: argparse.Namespace) -> None:
     records = []
     for capacity in ("attention", "attention+conv", "full"):
-        key = f"gradients/{args.base}/{capacity}/{args.seed}"
+        key = f"gradients/{shown(args.base)}/{capacity}/{args.seed}"
         records.append(
             cached_row(
-                CACHE, key, lambda capacity=capacity: gradient_scales(args.base, capacity, seed=args.seed)
+                GRADIENT_CACHE,
+                key,
+                lambda capacity=capacity: gradient_scales(args.base, capacity, seed=args.seed),
             )
         )
         print(records[-1], flush=True)
@@ -319,38 +356,61 @@ def run_gradients(args: argparse.Namespace) -> None:
              f"{r['cosine']:+.2f}", f"{r['clipped_share']:.0%}"] for r in records]  # fmt: skip
     command = "python evals/smooth.py " + " ".join(sys.argv[1:])
     write_section("smooth_gradients", f"## Smooth Diffusion: the penalty's gradient against the denoising loss's\n\n"
-                  f"`{command.strip()}` ({machine()}); `{args.base}`, medians over 8 batches of 32 at the start of "
+                  f"`{command.strip()}` ({machine()}); `{shown(args.base)}`, medians over 8 batches of 32 at the start of "
                   "a fine-tune, lambda = 1, the running target set to the model's mean v.\n\n"
-                  + markdown_table(["trained", "parameters", "MSE", "penalty", "|grad MSE|", "|grad penalty|",
+                  + markdown_table(["trained", "parameters", "MSE", "penalty", "grad MSE (norm)", "grad penalty (norm)",
                                     "ratio", "cosine", "steps clipped (norm > 1)"], rows))  # fmt: skip
+
+
+def trained_steps(folder: str | None) -> int | str:
+    """The fine-tuning steps recorded in a LoRA or pipeline folder ('' for the base)."""
+    record = Path(folder) / "training.json" if folder else None
+    return json.loads(record.read_text())["steps"] if record and record.exists() else ("" if folder else 0)
 
 
 def run_model(args: argparse.Namespace) -> None:
     data = held_out(args.model)
     records = []
-    for name, variant in (
-        ("base", None),
-        ("Smooth-LoRA (lambda=1)", args.lora),
-        ("control (lambda=0)", args.control),
-    ):
+    # (name, folder, the folder of its lambda = 0 control or None)
+    variants = [
+        ("base", None, None),
+        ("Smooth-LoRA", args.lora, args.control),
+        ("control", args.control, None),
+    ]
+    for extra in args.extra:
+        name, _, paths = extra.rpartition("=")
+        folder, _, control = paths.partition(":")
+        if not folder:
+            raise SystemExit(f"--extra {extra!r}: use NAME=FOLDER or NAME=FOLDER:CONTROL_FOLDER")
+        variants.append((name, folder, control or None))
+    by_folder = {}
+    for name, variant, control in variants:
         if variant is not None and not Path(variant).exists():
             print(f"skipping {name}: {variant} does not exist", flush=True)
             continue
         key = f"model/{args.model}/{variant}/{settings_key(args)}"
         record = cached_row(
-            CACHE, key, lambda variant=variant: score(load_variant(args.model, variant), data, args)
-        )
-        records.append({"name": name, "variant": variant, **record})
+            Path(args.cache) if args.cache else MODEL_CACHE, key,
+            lambda variant=variant: score(load_variant(args.model, variant), data, args),
+        )  # fmt: skip
+        if variant is not None and (Path(variant) / "training.json").exists():
+            config = json.loads((Path(variant) / "training.json").read_text())["config"]
+            name = f"{name}: {config.get('capacity', 'attention')}, lambda = {config['weight']:g}, lr {config['learning_rate']:g}"
+        records.append({"name": name, "variant": variant, "control": control, **record})
+        by_folder[variant] = records[-1]
         print(
             name, record["spread"]["cv"], record["real"]["pixel"]["relative_istd"], record["fd"], flush=True
         )
-    rows = [row(r["name"], "", r, True) + [f"{r['judge_accuracy']:.1%}"] for r in records]
+    rows = [
+        row(r["name"], trained_steps(r["variant"]), r, True)
+        + against(r, by_folder[r["control"]] if r["control"] else None)
+        + [f"{r['judge_accuracy']:.1%}"]
+        for r in records
+    ]
     command = "python evals/smooth.py " + " ".join(sys.argv[1:])
     write_result("smooth", {"command": command, "machine": machine(), "rows": records})
     write_section("smooth", f"## Smooth Diffusion: Smooth-LoRA vs base and a lambda = 0 control ({args.model})\n\n"
-                  f"`{command.strip()}` ({machine()}). {args.spread_images} test images for the spread, "
-                  f"{args.pairs} random and {args.real_pairs} real pairs, {10 * args.n_per_class} samples for FD "
-                  f"and accuracy (judge features); CFG {args.scale:g}, DDIM {args.steps}.\n\n"
+                  f"`{command.strip()}` ({machine()}). {measured(args, 'FD and accuracy (judge features)')}\n\n"
                   + markdown_table(header(True) + ["judge accuracy"], rows))  # fmt: skip
 
 
@@ -370,6 +430,15 @@ def main() -> None:
     )
     parser.add_argument("--lora", default=str(ROOT / "diffguide" / "models" / "default" / "smooth_lora"))
     parser.add_argument("--control", default=str(ROOT / "checkpoints" / "smooth-lora-w0"))
+    parser.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        help="--model: another NAME=FOLDER (a LoRA or a fine-tuned pipeline)",
+    )
+    parser.add_argument(
+        "--cache", default=None, help="--model: another row cache, for a second process beside a running one"
+    )
     parser.add_argument("--pairs", type=int, default=50)
     parser.add_argument("--real-pairs", type=int, default=50)
     parser.add_argument("--n-per-class", type=int, default=36)
