@@ -201,6 +201,52 @@ class VariationRegularizer:
         self.min_alpha_bar = float(state.get("min_alpha_bar", self.min_alpha_bar))
 
 
+class BandedVariationRegularizer(VariationRegularizer):
+    """Ours, not the paper's: one running target per band of timesteps.
+
+    ``bands`` equal bands split ``[0, num_train_timesteps)``; band ``b`` keeps its own
+    ``a_b <- a_b + decay (mean(v in b) - a_b)`` and each sample is penalised against its band's
+    moved target. ``v`` grows with t, so the paper's single ``a`` spends most of the penalty
+    flattening ``v`` across noise levels (docs/smooth.md); banded targets leave only the spread
+    among noises at one level. ``bands=1`` is the paper's regularizer.
+    """
+
+    def __init__(self, bands: int = 10, num_train_timesteps: int = 1000, **kwargs):
+        super().__init__(**kwargs)
+        if bands < 1 or num_train_timesteps < bands:
+            raise ValueError(f"need 1 <= bands <= num_train_timesteps, got {bands} and {num_train_timesteps}")
+        self.bands = bands
+        self.num_train_timesteps = num_train_timesteps
+        self.targets = [0.0] * bands
+
+    def loss(self, denoise, x0, noise, timesteps, alphas_cumprod, prediction_type="epsilon", generator=None):
+        if self.weight == 0:
+            return torch.zeros((), device=x0.device)
+        kept = alphas_cumprod.to(timesteps.device)[timesteps] >= self.min_alpha_bar
+        if not kept.any():
+            return torch.zeros((), device=x0.device)
+        norms = variation_norms(denoise, x0, noise, timesteps, alphas_cumprod, prediction_type, generator)[
+            kept
+        ]
+        band = (timesteps[kept] * self.bands // self.num_train_timesteps).clamp(max=self.bands - 1)
+        moved = torch.tensor(self.targets, dtype=norms.dtype, device=norms.device)[band]
+        for b in band.unique().tolist():
+            in_band = band == b
+            target = self.targets[b] + self.decay * (norms[in_band].mean() - self.targets[b])
+            moved = torch.where(in_band, target, moved)
+            self.targets[b] = float(target.detach())
+        self.target = sum(self.targets) / self.bands
+        return self.weight * ((norms - moved) ** 2).mean()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "targets": list(self.targets), "bands": self.bands}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.targets = [float(value) for value in state["targets"]]
+        self.bands = int(state.get("bands", len(self.targets)))
+
+
 def use_plain_attention(model: torch.nn.Module) -> int:
     """Switch every diffusers ``Attention`` in ``model`` to ``AttnProcessor`` (which supports
     double backward on CPU); returns how many were switched."""

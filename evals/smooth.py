@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -244,7 +245,9 @@ def run_map(args: argparse.Namespace) -> None:
         )
 
     def control_of(record: dict) -> dict | None:
-        capacity = record["name"].rsplit("-w", 1)[0]
+        capacity = re.sub(
+            r"-bands\d+$", "", record["name"].rsplit("-w", 1)[0]
+        )  # banded targets: same control
         return next(
             (r for r in records if r["name"] == f"{capacity}-w0" and r["steps"] == record["steps"]), None
         )

@@ -28,14 +28,14 @@ from diffguide.smooth import save_lora, training_alphas_cumprod
 LEARNING_RATES = {"attention": 1e-3, "attention+conv": 1e-3, "full": 1e-4}
 
 
-def point_name(capacity: str, weight: float) -> str:
-    return f"{capacity}-w{weight:g}"
+def point_name(capacity: str, weight: float, bands: int = 1) -> str:
+    return f"{capacity}{f'-bands{bands}' if bands > 1 else ''}-w{weight:g}"
 
 
 def train_point(base: str, capacity: str, weight: float, budgets: list[int], out: Path, batch_size: int = 32,
-                learning_rate: float | None = None, seed: int = 0) -> list[Path]:  # fmt: skip
+                learning_rate: float | None = None, seed: int = 0, bands: int = 1) -> list[Path]:  # fmt: skip
     """Snapshots ``out/<point>/<budget>`` of one training run; returns their folders."""
-    name = point_name(capacity, weight)
+    name = point_name(capacity, weight, bands)
     sources = {28: "mnist", 8: "sklearn"}
     snapshots = []
     for budget in budgets:
@@ -46,7 +46,7 @@ def train_point(base: str, capacity: str, weight: float, budgets: list[int], out
         pipe = dg.DigitsPipeline.from_pretrained(base)
         config = SmoothLoraConfig(
             steps=max(budgets), batch_size=batch_size, seed=seed, weight=weight, capacity=capacity,
-            learning_rate=learning_rate or LEARNING_RATES[capacity], source=sources[pipe.unet.config.sample_size],
+            learning_rate=learning_rate or LEARNING_RATES[capacity], source=sources[pipe.unet.config.sample_size], target_bands=bands,
         )  # fmt: skip
         training_alphas_cumprod(pipe.scheduler)  # refuses SPD and flow bases
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -84,12 +84,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--target-bands", type=int, default=1, help="1: the paper's target; more: one per band (ours)"
+    )
     parser.add_argument("--out", default="runs/smooth/map")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     budgets = sorted(int(b) for b in args.budgets.split(","))
-    train_point(args.base, args.capacity, args.weight, budgets, Path(args.out), args.batch_size, args.lr)
+    train_point(args.base, args.capacity, args.weight, budgets, Path(args.out), args.batch_size, args.lr,
+                bands=args.target_bands)  # fmt: skip
 
 
 if __name__ == "__main__":

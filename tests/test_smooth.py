@@ -368,3 +368,28 @@ def test_a_checkpoint_at_or_past_the_budget_is_not_trained_further(tmp_path):
     assert again["step"] == saved["step"] == 2
     with pytest.raises(ValueError, match="past stop_after_steps"):
         run(1)
+
+
+def test_banded_targets_penalise_each_sample_against_its_own_bands_moved_target():
+    from diffguide.smooth import BandedVariationRegularizer
+
+    _, denoise, x0, noise, abar, t = _linear_setup()  # t = 10, 500, 900: bands 0, 1, 1 of 2
+    banded = BandedVariationRegularizer(bands=2, num_train_timesteps=1000, weight=2.0)
+    norms = variation_norms(denoise, x0, noise, t, abar, generator=torch.Generator().manual_seed(0))
+    penalty = banded.loss(denoise, x0, noise, t, abar, generator=torch.Generator().manual_seed(0))
+    low, high = 0.01 * norms[0], 0.01 * norms[1:].mean()  # both targets start at 0
+    expected = 2.0 * torch.stack([norms[0] - low, norms[1] - high, norms[2] - high]).pow(2).mean()
+    torch.testing.assert_close(penalty, expected)
+    assert banded.targets == pytest.approx([float(low), float(high)])
+    single = BandedVariationRegularizer(bands=1, weight=2.0)  # one band is the paper's regularizer
+    paper = VariationRegularizer(weight=2.0)
+    for regularizer in (single, paper):
+        regularizer.value = regularizer.loss(
+            denoise, x0, noise, t, abar, generator=torch.Generator().manual_seed(0)
+        )
+    torch.testing.assert_close(single.value, paper.value)
+    restored = BandedVariationRegularizer(bands=2)
+    restored.load_state_dict(banded.state_dict())
+    assert restored.targets == banded.targets
+    with pytest.raises(ValueError, match="bands"):
+        BandedVariationRegularizer(bands=0)

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from ..smooth import VariationRegularizer, training_alphas_cumprod, use_plain_attention
+from ..smooth import (
+    BandedVariationRegularizer,
+    VariationRegularizer,
+    training_alphas_cumprod,
+    use_plain_attention,
+)
 from .base import Callback, TrainContext
 
 
@@ -24,12 +29,20 @@ class SmoothVariation(Callback):
     (``alphas_cumprod``, ``config.prediction_type``), ``ctx.extras["x0"]`` (the clean
     images or latents) and ``ctx.extras.get("model_kwargs", {})`` (conditioning such as
     ``class_labels`` or ``encoder_hidden_states``); ``ctx.extras.get("generator")`` draws the
-    probe. ``setup`` switches attention to diffusers' plain processor (the penalty needs a
+    probe. ``target_bands > 1`` (ours) keeps one running target per band of timesteps
+    (:class:`diffguide.smooth.BandedVariationRegularizer`). ``setup`` switches attention to diffusers' plain processor (the penalty needs a
     double backward, which torch's fused CPU attention lacks).
     """
 
-    def __init__(self, weight: float = 1.0, decay: float = 0.01, min_alpha_bar: float = 0.0):
-        self.regularizer = VariationRegularizer(weight=weight, decay=decay, min_alpha_bar=min_alpha_bar)
+    def __init__(
+        self, weight: float = 1.0, decay: float = 0.01, min_alpha_bar: float = 0.0, target_bands: int = 1
+    ):
+        kwargs = {"weight": weight, "decay": decay, "min_alpha_bar": min_alpha_bar}
+        self.regularizer = (
+            VariationRegularizer(**kwargs)
+            if target_bands == 1
+            else BandedVariationRegularizer(target_bands, **kwargs)
+        )
 
     def setup(self, model: torch.nn.Module, optimizer) -> None:
         use_plain_attention(model)

@@ -37,7 +37,8 @@ class SmoothLoraConfig:
     ``min_alpha_bar``: the penalty skips timesteps with less signal than SD 1.5's last one
     (no-op on SD's own schedule; see :mod:`diffguide.smooth`). ``capacity``: a key of
     :data:`diffguide.smooth.CAPACITIES` (``rank`` applies to the LoRA ones). ``source``: the
-    digits :func:`digits_batches` reads (``"mnist"`` 28x28 or ``"sklearn"`` 8x8)."""
+    digits :func:`digits_batches` reads (``"mnist"`` 28x28 or ``"sklearn"`` 8x8). ``target_bands``:
+    1 is the paper's single running target; more keep one per band of timesteps (ours)."""
 
     steps: int = 1000
     batch_size: int = 64
@@ -50,6 +51,7 @@ class SmoothLoraConfig:
     checkpoint_every: int = 100
     capacity: str = "attention"
     source: str = "mnist"
+    target_bands: int = 1
 
     def __post_init__(self) -> None:
         if self.capacity not in CAPACITIES:
@@ -104,7 +106,9 @@ def train_smooth_lora(
         add_lora(unet, config.rank, CAPACITIES[config.capacity])
     parameters = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
-    smooth = SmoothVariation(weight=config.weight, min_alpha_bar=config.min_alpha_bar)
+    smooth = SmoothVariation(
+        weight=config.weight, min_alpha_bar=config.min_alpha_bar, target_bands=config.target_bands
+    )
     generator = torch.Generator().manual_seed(config.seed)
     step, elapsed, losses = 0, 0.0, []
     checkpoint = run_dir / "checkpoint.pt"
