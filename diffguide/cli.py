@@ -500,26 +500,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.what == "smooth-lora":
         from diffusers import DDPMScheduler
 
-        from .models.smooth_lora import SmoothLoraConfig, digits_batches, train_smooth_lora
+        from .models.smooth_lora import SmoothLoraConfig, digits_batches, digits_source, train_smooth_lora
         from .smooth import training_alphas_cumprod
 
         pipe = _load_model(args.base, None)
-        sources = {28: "mnist", 8: "sklearn"}
-        size = pipe.unet.config.sample_size
-        if size not in sources:
-            raise UsageError(
-                f"--base {args.base}: a {size}x{size} model; smooth-lora trains 28x28 or 8x8 digits models"
-            )
-        base = SmoothLoraConfig()
-        config = SmoothLoraConfig(
-            steps=args.steps or base.steps, batch_size=args.batch_size or base.batch_size, learning_rate=args.lr,
-            rank=args.rank, weight=args.weight, seed=args.seed, capacity=args.capacity, source=sources[size],
-            min_alpha_bar=base.min_alpha_bar if args.min_alpha_bar is None else args.min_alpha_bar,
-        )  # fmt: skip
         try:
+            source = digits_source(pipe.unet)
             training_alphas_cumprod(pipe.scheduler)
         except ValueError as err:
             raise UsageError(f"--base {args.base}: {err}") from None
+        base = SmoothLoraConfig()
+        config = SmoothLoraConfig(
+            steps=args.steps or base.steps, batch_size=args.batch_size or base.batch_size, learning_rate=args.lr,
+            rank=args.rank, weight=args.weight, seed=args.seed, capacity=args.capacity, source=source,
+            min_alpha_bar=base.min_alpha_bar if args.min_alpha_bar is None else args.min_alpha_bar,
+        )  # fmt: skip
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the base model's own training schedule
         out = args.out or f"runs/smooth-lora-w{args.weight:g}"
         run_dir = args.run_dir or f"runs/smooth-lora-w{args.weight:g}-run"

@@ -143,8 +143,10 @@ class VariationRegularizer:
     """The regularizer with its running target ``a``: a loss term for any training loop.
 
     ``loss(...)`` moves ``a`` towards ``mean(v)`` by ``decay`` and returns
-    ``weight * mean((v - a)^2)`` against the moved ``a`` (the authors' order); ``state_dict`` / ``load_state_dict`` carry ``a`` through checkpoints. Samples
-    whose ``abar`` is below ``min_alpha_bar`` are left out (0, the paper: none are).
+    ``weight * mean((v - a)^2)`` against the moved ``a`` (the authors' order);
+    ``state_dict`` / ``load_state_dict`` carry ``a`` through checkpoints. Samples whose
+    ``abar`` is below ``min_alpha_bar`` are left out (0, the paper: none are). Subclasses
+    change only :meth:`penalty`, the step from the kept ``v`` to the unweighted penalty.
     """
 
     def __init__(self, weight: float = 1.0, decay: float = 0.01, min_alpha_bar: float = 0.0):
@@ -180,11 +182,14 @@ class VariationRegularizer:
         if not kept.any():
             return torch.zeros((), device=x0.device)
         norms = variation_norms(denoise, x0, noise, timesteps, alphas_cumprod, prediction_type, generator)
-        norms = norms[kept]  # the rest are computed (the conditioning is not ours to slice) but unused
+        # the rest are computed (the conditioning is not ours to slice) but unused
+        return self.weight * self.penalty(norms[kept], timesteps[kept])
+
+    def penalty(self, norms: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``mean((v - a)^2)`` against the moved target, updating ``a``."""
         target = self.target + self.decay * (norms.mean() - self.target)  # the authors' order, with gradient
-        penalty = ((norms - target) ** 2).mean()
         self.target = float(target.detach())
-        return self.weight * penalty
+        return ((norms - target) ** 2).mean()
 
     def state_dict(self) -> dict:
         return {
@@ -219,16 +224,9 @@ class BandedVariationRegularizer(VariationRegularizer):
         self.num_train_timesteps = num_train_timesteps
         self.targets = [0.0] * bands
 
-    def loss(self, denoise, x0, noise, timesteps, alphas_cumprod, prediction_type="epsilon", generator=None):
-        if self.weight == 0:
-            return torch.zeros((), device=x0.device)
-        kept = alphas_cumprod.to(timesteps.device)[timesteps] >= self.min_alpha_bar
-        if not kept.any():
-            return torch.zeros((), device=x0.device)
-        norms = variation_norms(denoise, x0, noise, timesteps, alphas_cumprod, prediction_type, generator)[
-            kept
-        ]
-        band = (timesteps[kept] * self.bands // self.num_train_timesteps).clamp(max=self.bands - 1)
+    def penalty(self, norms: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``mean((v - a_band)^2)`` against each band's moved target, updating the bands seen."""
+        band = (timesteps * self.bands // self.num_train_timesteps).clamp(max=self.bands - 1)
         moved = torch.tensor(self.targets, dtype=norms.dtype, device=norms.device)[band]
         for b in band.unique().tolist():
             in_band = band == b
@@ -236,7 +234,7 @@ class BandedVariationRegularizer(VariationRegularizer):
             moved = torch.where(in_band, target, moved)
             self.targets[b] = float(target.detach())
         self.target = sum(self.targets) / self.bands
-        return self.weight * ((norms - moved) ** 2).mean()
+        return ((norms - moved) ** 2).mean()
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "targets": list(self.targets), "bands": self.bands}

@@ -45,6 +45,7 @@ from diffguide.inversion import ddim_invert  # noqa: E402
 from diffguide.metrics import feature_frechet_distance  # noqa: E402
 from diffguide.metrics.features import extract_features  # noqa: E402
 from diffguide.metrics.istd import noise_pairs, path_statistics, step_distances, strips_between  # noqa: E402
+from diffguide.models.smooth_lora import digits_source  # noqa: E402
 from diffguide.smooth import SD15_MIN_ALPHA_BAR, spread_statistics, use_plain_attention, variation_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,12 @@ def real_pairs(labels: torch.Tensor, count: int, seed: int) -> list[tuple[int, i
     return pairs
 
 
+def penalised_timesteps(alphas_cumprod: torch.Tensor, count: int = 16) -> torch.Tensor:
+    """``count`` timesteps spread evenly over those the penalty sees (``abar >= 0.0047``)."""
+    kept = torch.nonzero(alphas_cumprod >= SD15_MIN_ALPHA_BAR).flatten()
+    return kept[torch.linspace(0, len(kept) - 1, count).round().long()]
+
+
 def score(pipe: dg.DigitsPipeline, data: dict, args: argparse.Namespace) -> dict:
     """Every measurement of the module docstring for one model."""
     unet = pipe.unet
@@ -89,8 +96,7 @@ def score(pipe: dg.DigitsPipeline, data: dict, args: argparse.Namespace) -> dict
     embed = data["embed"]
 
     # the regularizer's own quantity, on held-out images and draws
-    kept = torch.nonzero(scheduler.alphas_cumprod >= SD15_MIN_ALPHA_BAR).flatten()
-    timesteps = kept[torch.linspace(0, len(kept) - 1, 16).round().long()]
+    timesteps = penalised_timesteps(scheduler.alphas_cumprod)
     spread_x0 = images[: args.spread_images] * 2 - 1
     spread_y = labels[: args.spread_images]
     with torch.enable_grad():
@@ -138,10 +144,7 @@ def score(pipe: dg.DigitsPipeline, data: dict, args: argparse.Namespace) -> dict
 
 def held_out(base: str) -> dict:
     """The test split of ``base``'s data and the feature space FD is taken in."""
-    size = (
-        dg.load_default_pipeline() if base == "default" else dg.DigitsPipeline.from_pretrained(base)
-    ).image_shape[-1]
-    if size == 28:
+    if digits_source(load_variant(base, None).unet) == "mnist":
         images, labels = dg.load_digits("test")
         judge = dg.load_judge()
 
@@ -308,7 +311,7 @@ def gradient_scales(base: str, capacity: str, batches: int = 8, batch_size: int 
         add_lora(unet, 8, CAPACITIES[capacity])
     parameters = [p for p in unet.parameters() if p.requires_grad]
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    source = "mnist" if pipe.image_shape[-1] == 28 else "sklearn"
+    source = digits_source(unet)
     sample = digits_batches(SmoothLoraConfig(batch_size=batch_size, source=source))
     generator = torch.Generator().manual_seed(seed)
     regularizer = VariationRegularizer(weight=1.0, min_alpha_bar=SD15_MIN_ALPHA_BAR)
@@ -322,8 +325,7 @@ def gradient_scales(base: str, capacity: str, batches: int = 8, batch_size: int 
             return unet(x, timesteps, **cond).sample
 
         if index == 0:  # the target starts where the model is: its mean v over the timesteps the penalty sees
-            kept = torch.nonzero(scheduler.alphas_cumprod >= SD15_MIN_ALPHA_BAR).flatten()
-            grid = kept[torch.linspace(0, len(kept) - 1, 16).round().long()]
+            grid = penalised_timesteps(scheduler.alphas_cumprod)
             regularizer.target = float(variation_table(denoise, x0, grid, scheduler.alphas_cumprod).mean())
             continue
         mse = F.mse_loss(denoise(scheduler.add_noise(x0, noise, t), t), noise)

@@ -13,15 +13,21 @@ pipeline folder; ``evals/smooth.py --map`` scores them.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
 
 import diffguide as dg
-from diffguide.models.smooth_lora import SmoothLoraConfig, digits_batches, train_smooth_lora
-from diffguide.smooth import save_lora, training_alphas_cumprod
+from diffguide.models.smooth_lora import (
+    SmoothLoraConfig,
+    digits_batches,
+    digits_source,
+    save_trained,
+    train_smooth_lora,
+    training_record,
+)
+from diffguide.smooth import training_alphas_cumprod
 
 #: the learning rates of the map: LoRA at 10x the paper's 1e-4 (budgets 30-100x shorter), a
 #: full fine-tune at the paper's (1e-3 diverged in a 3-step trial: penalty 4.0 against 0.04)
@@ -36,7 +42,6 @@ def train_point(base: str, capacity: str, weight: float, budgets: list[int], out
                 learning_rate: float | None = None, seed: int = 0, bands: int = 1) -> list[Path]:  # fmt: skip
     """Snapshots ``out/<point>/<budget>`` of one training run; returns their folders."""
     name = point_name(capacity, weight, bands)
-    sources = {28: "mnist", 8: "sklearn"}
     snapshots = []
     for budget in budgets:
         folder = out / name / str(budget)
@@ -46,26 +51,19 @@ def train_point(base: str, capacity: str, weight: float, budgets: list[int], out
         pipe = dg.DigitsPipeline.from_pretrained(base)
         config = SmoothLoraConfig(
             steps=max(budgets), batch_size=batch_size, seed=seed, weight=weight, capacity=capacity,
-            learning_rate=learning_rate or LEARNING_RATES[capacity], source=sources[pipe.unet.config.sample_size], target_bands=bands,
+            learning_rate=learning_rate or LEARNING_RATES[capacity], source=digits_source(pipe.unet),
+            target_bands=bands,
         )  # fmt: skip
         training_alphas_cumprod(pipe.scheduler)  # refuses SPD and flow bases
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         record = train_smooth_lora(pipe.unet, scheduler, digits_batches(config), folder, out / name / "run", config,
                                    progress=False, stop_after_steps=budget)  # fmt: skip
-        if record is None:  # stopped at this budget: write the snapshot ourselves
+        if record is None:  # stopped at this budget: write the snapshot from its checkpoint
             state = torch.load(out / name / "run" / "checkpoint.pt", weights_only=True)
-            tail = state["losses"][-100:]
-            record = {"config": state["config"], "steps": state["step"], "train_seconds": round(state["elapsed"], 1),
-                      "final_mse_mean_last_100": sum(m for m, _ in tail) / len(tail),
-                      "final_penalty_mean_last_100": sum(p for _, p in tail) / len(tail),
-                      "running_target": state["regularizer"]["target"],
-                      "trained_parameters": sum(p.numel() for p in pipe.unet.parameters() if p.requires_grad)}  # fmt: skip
-            if capacity == "full":
-                pipe.unet.save_pretrained(folder / "unet")
-            else:
-                save_lora(pipe.unet, folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+            trained = [p for p in pipe.unet.parameters() if p.requires_grad]
+            record = training_record(state["config"], state["step"], state["elapsed"], state["losses"],
+                                     state["regularizer"]["target"], trained)  # fmt: skip
+            save_trained(pipe.unet, capacity, folder, record)
         if capacity == "full":
             pipe.scheduler.save_pretrained(folder / "scheduler")
             dg.DigitsPipeline(unet=pipe.unet, scheduler=pipe.scheduler).save_config(folder)

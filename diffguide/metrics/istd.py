@@ -122,11 +122,8 @@ def interpolation_istd(
 
 def noise_pairs(shape: tuple[int, ...], count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Pair ``i``'s two Gaussian noises, seeded ``seed + 2i`` and ``seed + 2i + 1``: two (count, *shape)."""
-    start = [
-        torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed + 2 * i)) for i in range(count)
+    draws = [
+        torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed + i)) for i in range(2 * count)
     ]
-    end = [
-        torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed + 2 * i + 1))
-        for i in range(count)
-    ]
+    start, end = draws[0::2], draws[1::2]
     return torch.cat(start), torch.cat(end)

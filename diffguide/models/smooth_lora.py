@@ -58,6 +58,18 @@ class SmoothLoraConfig:
             raise ValueError(f"capacity must be one of {sorted(CAPACITIES)}, got {self.capacity!r}")
 
 
+#: the digits a model of each image size was trained on (``load_digits``' sources)
+DIGITS_SOURCES = {28: "mnist", 8: "sklearn"}
+
+
+def digits_source(unet: torch.nn.Module) -> str:
+    """``"mnist"`` for a 28x28 digits UNet, ``"sklearn"`` for an 8x8 one; ValueError otherwise."""
+    size = unet.config.sample_size
+    if size not in DIGITS_SOURCES:
+        raise ValueError(f"a {size}x{size} model: Smooth-LoRA trains 28x28 or 8x8 digits models")
+    return DIGITS_SOURCES[size]
+
+
 def digits_batches(
     config: SmoothLoraConfig, num_classes: int = 10, label_dropout: float = 0.1
 ) -> BatchSampler:
@@ -187,19 +199,35 @@ def train_smooth_lora(
             bar.close()
             return None
     bar.close()
-    if full:
-        accelerator.unwrap_model(unet).save_pretrained(output_dir / "unet")
-    else:
-        save_lora(accelerator.unwrap_model(unet), output_dir)
+    record = training_record(asdict(config), step, elapsed, losses, smooth.regularizer.target, parameters)
+    save_trained(accelerator.unwrap_model(unet), config.capacity, output_dir, record)
+    return record
+
+
+def training_record(
+    config: dict, step: int, elapsed: float, losses: list, running_target: float, parameters: list
+) -> dict:
+    """What ``training.json`` holds: the config, the step reached, seconds, the last 100 steps'
+    mean MSE and penalty, the running target and the number of trained parameters."""
     tail = losses[-100:]
-    record = {
-        "config": asdict(config),
+    return {
+        "config": config,
         "steps": step,
         "train_seconds": round(elapsed, 1),
         "final_mse_mean_last_100": sum(m for m, _ in tail) / len(tail),
         "final_penalty_mean_last_100": sum(p for _, p in tail) / len(tail),
-        "running_target": smooth.regularizer.target,
+        "running_target": running_target,
         "trained_parameters": sum(p.numel() for p in parameters),
     }
-    (output_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
+
+
+def save_trained(unet: torch.nn.Module, capacity: str, folder: str | Path, record: dict) -> None:
+    """Write what a run trained to ``folder``: the LoRA (diffusers' format) or, for a full
+    fine-tune, the UNet's ``save_pretrained`` folder ``folder/unet``; and ``training.json``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if CAPACITIES[capacity] is None:
+        unet.save_pretrained(folder / "unet")
+    else:
+        save_lora(unet, folder)
+    (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
