@@ -30,8 +30,9 @@ class SmoothVariation(Callback):
     images or latents) and ``ctx.extras.get("model_kwargs", {})`` (conditioning such as
     ``class_labels`` or ``encoder_hidden_states``); ``ctx.extras.get("generator")`` draws the
     probe. ``target_bands > 1`` (ours) keeps one running target per band of timesteps
-    (:class:`diffguide.smooth.BandedVariationRegularizer`). ``setup`` switches attention to diffusers' plain processor (the penalty needs a
-    double backward, which torch's fused CPU attention lacks).
+    (:class:`diffguide.smooth.BandedVariationRegularizer`). ``setup`` switches attention to
+    diffusers' plain processor (the penalty needs a double backward, which torch's fused CPU
+    attention lacks).
     """
 
     def __init__(
