@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT := outputs/compare.png
 
-.PHONY: setup demo test test-all lint app
+.PHONY: setup demo test test-all lint app gpu-wheels
 
 setup: $(STAMP)
 
@@ -32,3 +32,10 @@ app: setup
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Wheels for evals/gpu_walltime.sh on a GPU machine that reaches no registry (CPython 3.12, x86-64):
+# diffusers and xformers (and diffusers' one dependency such images lack), into the git-ignored .whl/.
+gpu-wheels: setup
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+		diffusers==0.42.1 xformers==0.0.35 importlib_metadata

@@ -23,8 +23,9 @@ schedule, the paper's, ends at ``abar = 0.0047`` (``SD15_MIN_ALPHA_BAR``); the d
 uses that floor so the penalty sees the signal levels the paper's did.
 
 The gradient w.r.t. ``eps`` needs a second backward through the network
-(``create_graph=True``); torch's fused CPU attention has no double backward, so
-:func:`use_plain_attention` switches a model's attention to diffusers' ``AttnProcessor``.
+(``create_graph=True``); torch's fused attention kernels and xformers have no double backward,
+so :func:`diffguide.attention.use_twice_differentiable_attention` switches a model's attention to
+one that has (or refuses a processor it cannot replace).
 """
 
 from __future__ import annotations
@@ -243,19 +244,6 @@ class BandedVariationRegularizer(VariationRegularizer):
         super().load_state_dict(state)
         self.targets = [float(value) for value in state["targets"]]
         self.bands = int(state.get("bands", len(self.targets)))
-
-
-def use_plain_attention(model: torch.nn.Module) -> int:
-    """Switch every diffusers ``Attention`` in ``model`` to ``AttnProcessor`` (which supports
-    double backward on CPU); returns how many were switched."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor
-
-    switched = 0
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.set_processor(AttnProcessor())
-            switched += 1
-    return switched
 
 
 # -- Smooth-LoRA: a LoRA on the UNet's attention projections, saved in diffusers' format ----------

@@ -40,13 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import RESULTS, cached_row, machine, markdown_table, write_result, write_section  # noqa: E402
 
 import diffguide as dg  # noqa: E402
+from diffguide.attention import use_twice_differentiable_attention  # noqa: E402
 from diffguide.generation import generate_samples  # noqa: E402
 from diffguide.inversion import ddim_invert  # noqa: E402
 from diffguide.metrics import feature_frechet_distance  # noqa: E402
 from diffguide.metrics.features import extract_features  # noqa: E402
 from diffguide.metrics.istd import noise_pairs, path_statistics, step_distances, strips_between  # noqa: E402
 from diffguide.models.smooth_lora import digits_source  # noqa: E402
-from diffguide.smooth import SD15_MIN_ALPHA_BAR, spread_statistics, use_plain_attention, variation_table  # noqa: E402
+from diffguide.smooth import SD15_MIN_ALPHA_BAR, spread_statistics, variation_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = RESULTS / "smooth_rows.json"  # the 8x8 map's rows
@@ -90,7 +91,7 @@ def penalised_timesteps(alphas_cumprod: torch.Tensor, count: int = 16) -> torch.
 def score(pipe: dg.DigitsPipeline, data: dict, args: argparse.Namespace) -> dict:
     """Every measurement of the module docstring for one model."""
     unet = pipe.unet
-    use_plain_attention(unet)  # the spread takes a gradient through attention
+    use_twice_differentiable_attention(unet)  # the spread takes a gradient through attention
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     images, labels = data["images"], data["labels"]
     embed = data["embed"]
@@ -304,7 +305,7 @@ def gradient_scales(base: str, capacity: str, batches: int = 8, batch_size: int 
 
     pipe = load_variant(base, None)
     unet = pipe.unet
-    use_plain_attention(unet)
+    use_twice_differentiable_attention(unet)
     if CAPACITIES[capacity] is None:
         unet.requires_grad_(True)
     else:

@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, markdown_table, write_result, write_section  # noqa: E402
 
 import diffguide as dg  # noqa: E402
+from diffguide.attention import use_twice_differentiable_attention  # noqa: E402
 from diffguide.models.pipeline import default_scheduler_config  # noqa: E402
-from diffguide.smooth import use_plain_attention, variation_norms  # noqa: E402
+from diffguide.smooth import variation_norms  # noqa: E402
 
 TIMESTEPS = (20, 100, 300, 500, 700, 900, 950, 980, 995, 999)
 
@@ -35,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     unet = dg.load_default_pipeline().unet
-    use_plain_attention(unet)
+    use_twice_differentiable_attention(unet)
     images, labels = dg.load_digits("train")
     x0, labels = images[: args.batch] * 2 - 1, labels[: args.batch]
     alphas_cumprod = DDPMScheduler(**default_scheduler_config()).alphas_cumprod

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from diffguide.attention import use_twice_differentiable_attention
 from diffguide.smooth import (
     CAPACITIES,
     VariationRegularizer,
     spread_statistics,
-    use_plain_attention,
     variation_norms,
     variation_table,
 )
@@ -115,7 +115,7 @@ def test_plain_attention_allows_double_backward_on_cpu():
     with pytest.raises(RuntimeError, match="not implemented"):  # torch's fused CPU attention
         norms_of(unet).sum().backward()
     unet.zero_grad()
-    assert use_plain_attention(unet) > 0
+    assert set(use_twice_differentiable_attention(unet)) == {"sdpa"}
     norms = norms_of(unet)
     norms.sum().backward()  # would raise with the fused CPU attention
     attention = [p for name, p in unet.named_parameters() if "attentions" in name and name.endswith("weight")]

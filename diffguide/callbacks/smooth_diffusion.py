@@ -11,13 +11,15 @@ file only reads its inputs off the training context and carries ``a`` in ``state
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
+from ..attention import use_twice_differentiable_attention
 from ..smooth import (
     BandedVariationRegularizer,
     VariationRegularizer,
     training_alphas_cumprod,
-    use_plain_attention,
 )
 from .base import Callback, TrainContext
 
@@ -30,9 +32,11 @@ class SmoothVariation(Callback):
     images or latents) and ``ctx.extras.get("model_kwargs", {})`` (conditioning such as
     ``class_labels`` or ``encoder_hidden_states``); ``ctx.extras.get("generator")`` draws the
     probe. ``target_bands > 1`` (ours) keeps one running target per band of timesteps
-    (:class:`diffguide.smooth.BandedVariationRegularizer`). ``setup`` switches attention to
-    diffusers' plain processor (the penalty needs a double backward, which torch's fused CPU
-    attention lacks).
+    (:class:`diffguide.smooth.BandedVariationRegularizer`). ``setup`` switches attention to a
+    twice-differentiable implementation (the penalty needs a double backward, which torch's fused
+    kernels and xformers lack), with a warning where it replaces a backend the user chose
+    (xformers, flash ...); a processor it cannot replace is refused
+    (:func:`diffguide.attention.use_twice_differentiable_attention`).
     """
 
     def __init__(
@@ -46,7 +50,13 @@ class SmoothVariation(Callback):
         )
 
     def setup(self, model: torch.nn.Module, optimizer) -> None:
-        use_plain_attention(model)
+        chosen = sorted(set(use_twice_differentiable_attention(model)) - {"sdpa", "plain"})
+        if chosen:
+            warnings.warn(
+                f"SmoothVariation switched attention from {', '.join(chosen)} to a twice-differentiable "
+                "implementation: its penalty needs a double backward, which those lack",
+                stacklevel=2,
+            )
 
     def loss_terms(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
         if self.regularizer.weight == 0:

@@ -24,8 +24,10 @@ paper's locally-biased variant for ordered inputs (images, text) is not implemen
 ``diffusers.models.attention_processor.Attention`` (the 4-D ``(B, C, H, W)`` path of UNet
 mid-block attention and the 3-D ``(B, N, C)`` path); cross-attention falls back to the layer's
 original processor, as do eval mode and ``torch.no_grad()``. :class:`SubsampledAttention` swaps it
-into every ``Attention`` whose processor is diffusers' plain ``AttnProcessor`` /
-``AttnProcessor2_0`` and restores the originals at ``on_train_end``.
+into every attention module, whose processors must be ``AttnProcessor``, ``AttnProcessor2_0`` or
+``XFormersAttnProcessor`` (the dense path keeps the original, so an xformers model stays on
+xformers there; a model with any other processor or a dispatch backend is refused, naming it),
+and restores the originals at ``on_train_end``.
 
 Not compatible with gradient checkpointing: the recomputed forward would draw another subset
 (a warning is raised when the model reports ``is_gradient_checkpointing``).
@@ -38,12 +40,10 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from ..attention import SSA_REPRODUCES, attention_modules, backend_of
 from .base import Callback, TrainContext
-
-#: processors whose computation :class:`SubsampledAttnProcessor` reproduces
-SWAPPABLE_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
 
 
 def num_kept(num_keys: int, ratio: float) -> int:
@@ -231,19 +231,30 @@ class SubsampledAttention(Callback):
 
     def setup(self, model: torch.nn.Module, optimizer) -> None:
         self._model = model
-        for module in model.modules():
-            if isinstance(module, Attention) and isinstance(module.processor, SWAPPABLE_PROCESSORS):
-                processor = SubsampledAttnProcessor(
-                    self.ratio, self.per_head, self.generator, module.processor
-                )
-                processor.dense = self.dense_phase
-                self._originals.append((module, module.processor))
-                self.processors.append(processor)
-                module.set_processor(processor)
-        if not self.processors:
+        modules = list(attention_modules(model))
+        unsupported = [
+            (name, module)
+            for name, module in modules
+            if type(module.processor).__name__ not in SSA_REPRODUCES
+        ]
+        if unsupported:
+            name, module = unsupported[0]
             raise ValueError(
-                "SubsampledAttention found no diffusers Attention module with a plain AttnProcessor / AttnProcessor2_0"
+                f"SubsampledAttention cannot subsample {name!r}: it runs {type(module.processor).__name__} "
+                f"({backend_of(module)}; {len(unsupported)} of {len(modules)} modules alike) and SSA reproduces "
+                "only AttnProcessor / AttnProcessor2_0 / XFormersAttnProcessor; "
+                "call model.set_attn_processor(AttnProcessor2_0()) first"
             )
+        if not modules:
+            raise ValueError("SubsampledAttention found no diffusers attention module in the model")
+        for _, module in modules:
+            # the dense path keeps the layer's own processor (xformers stays xformers); the
+            # subsampled path runs SDPA on the kept keys
+            processor = SubsampledAttnProcessor(self.ratio, self.per_head, self.generator, module.processor)
+            processor.dense = self.dense_phase
+            self._originals.append((module, module.processor))
+            self.processors.append(processor)
+            module.set_processor(processor)
 
     def _set_dense(self, dense: bool) -> None:
         self.dense_phase = dense

@@ -56,6 +56,11 @@ class AdaptiveGuidance(GuidanceRule):
             self.converged = torch.zeros(batch_size, dtype=torch.bool)
         return ~self.converged
 
+    def similarity(self, cond: torch.Tensor, uncond: torch.Tensor, step: GuidanceStep) -> torch.Tensor:
+        """``gamma_t`` per sample (B,): the cosine of the two predictions; the switch fires where it
+        reaches ``threshold``."""
+        return cosine_similarity(cond, uncond)
+
     def combine(
         self, cond: torch.Tensor, uncond: torch.Tensor, uncond_mask: torch.Tensor, step: GuidanceStep
     ) -> torch.Tensor:
@@ -63,7 +68,7 @@ class AdaptiveGuidance(GuidanceRule):
         guided = torch.where(
             per_sample(mask, cond).bool(), cfg_combine(cond, uncond, step.guidance_scale), cond
         )
-        gamma = cosine_similarity(cond, uncond).cpu()
+        gamma = self.similarity(cond, uncond, step).cpu()
         gamma[~uncond_mask.cpu()] = float("nan")
         self.similarities.append(gamma)
         if step.step_index >= self.min_steps:
