@@ -46,6 +46,7 @@ PROCESSOR_BACKENDS = {
     "AttnAddedKVProcessor2_0": "sdpa",
     "JointAttnProcessor2_0": "sdpa",
     "FusedAttnProcessor2_0": "sdpa",
+    "FusedJointAttnProcessor2_0": "sdpa",
     "XFormersAttnProcessor": "xformers",
     "XFormersAttnAddedKVProcessor": "xformers",
     "XFormersJointAttnProcessor": "xformers",
@@ -103,13 +104,41 @@ def attention_backends(model: torch.nn.Module) -> dict[str, int]:
     return dict(Counter(backend_of(module) for _, module in attention_modules(model)))
 
 
+AttentionSnapshot = tuple[list[tuple[torch.nn.Module, object, object]], object]
+
+
+def snapshot_attention(model: torch.nn.Module) -> AttentionSnapshot:
+    """Each attention module's processor object and dispatch backend, and the registry's active
+    backend, for :func:`restore_attention` to put back."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    modules = [
+        (module, module.processor, getattr(module.processor, "_attention_backend", None))
+        for _, module in attention_modules(model)
+    ]
+    return modules, _AttentionBackendRegistry._active_backend
+
+
+def restore_attention(snapshot: AttentionSnapshot) -> None:
+    """Put back what :func:`snapshot_attention` recorded."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    modules, active = snapshot
+    for module, processor, backend in modules:
+        module.set_processor(processor)
+        if hasattr(processor, "_attention_backend"):
+            processor._attention_backend = backend
+    _AttentionBackendRegistry.set_active_backend(active)
+
+
 def use_twice_differentiable_attention(model: torch.nn.Module) -> dict[str, int]:
     """Switch every attention module of ``model`` to an implementation with a double backward.
 
     Processors that ``AttnProcessor`` computes exactly become ``AttnProcessor``; dispatch
     processors get the ``"_native_math"`` backend (SDPA's composite math kernel). Any other
     processor is refused before anything is switched, since replacing it would change what the
-    layer computes. Returns how many modules were switched from each backend.
+    layer computes. Returns how many modules were switched from each backend; take a
+    :func:`snapshot_attention` first to switch back afterwards.
     """
     from diffusers.models.attention_dispatch import AttentionBackendName
     from diffusers.models.attention_processor import AttnProcessor
@@ -119,9 +148,10 @@ def use_twice_differentiable_attention(model: torch.nn.Module) -> dict[str, int]
         processor = module.processor
         if not hasattr(processor, "_attention_backend") and type(processor).__name__ not in PLAIN_EQUIVALENT:
             raise ValueError(
-                f"attention module {name!r} runs {type(processor).__name__} ({backend_of(module)}), which has "
-                "no double backward and no plain equivalent diffguide knows; set one before training, e.g. "
-                "model.set_attn_processor(AttnProcessor())"
+                f"attention module {name!r} runs {type(processor).__name__} ({backend_of(module)}), for which "
+                "diffguide knows no twice-differentiable equivalent; a double backward (Smooth Diffusion's "
+                "penalty) needs a model whose attention is diffusers' AttnProcessor / AttnProcessor2_0 / "
+                "XFormersAttnProcessor or a dispatch backend"
             )
     switched: Counter[str] = Counter()
     for _, module in modules:

@@ -22,6 +22,8 @@ from diffguide.attention import (
     attention_backends,
     attention_modules,
     backend_of,
+    restore_attention,
+    snapshot_attention,
     use_twice_differentiable_attention,
 )
 from diffguide.callbacks import SmoothVariation
@@ -146,20 +148,23 @@ def test_twice_differentiable_attention_moves_dispatch_models_to_the_math_kernel
 def test_twice_differentiable_attention_refuses_joint_attention_before_switching_anything():
     transformer = tiny_sd3().transformer
     before = attention_backends(transformer)
-    with pytest.raises(ValueError, match="JointAttnProcessor2_0.*no double backward"):
+    with pytest.raises(ValueError, match="JointAttnProcessor2_0.*no twice-differentiable equivalent"):
         use_twice_differentiable_attention(transformer)
     assert attention_backends(transformer) == before
 
 
-def test_smooth_variation_warns_only_when_it_replaces_a_backend_the_user_chose():
+def test_smooth_variation_warns_only_when_it_replaces_a_backend_the_user_chose_and_puts_it_back():
     unet = _unet2d()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SmoothVariation().setup(unet, None)  # SDPA -> plain: the documented default, no warning
-    _set_processors(unet, XFormersAttnProcessor)
+    originals = _set_processors(unet, XFormersAttnProcessor)
+    callback = SmoothVariation()
     with pytest.warns(UserWarning, match="from xformers to a twice-differentiable"):
-        SmoothVariation().setup(unet, None)
+        callback.setup(unet, None)
     assert set(attention_backends(unet)) == {"plain"}
+    callback.on_train_end(TrainContext(model=unet))
+    assert _processors(unet) == originals  # the user's xformers again for sampling
 
 
 def test_ssa_keeps_xformers_for_dense_attention_and_subsamples_with_sdpa():
@@ -187,7 +192,7 @@ def test_ssa_keeps_xformers_for_dense_attention_and_subsamples_with_sdpa():
 def test_ssa_refuses_a_processor_it_does_not_reproduce_naming_it(make, processor_name):
     model = make()
     before = _processors(model)
-    with pytest.raises(ValueError, match=f"runs {processor_name}.*set_attn_processor"):
+    with pytest.raises(ValueError, match=f"runs {processor_name}.*leave SSA out"):
         SubsampledAttention(ratio=0.5).setup(model, None)
     assert _processors(model) == before
 
@@ -203,3 +208,15 @@ def test_ssa_still_takes_sdpa_and_plain_processors(processor):
     _set_processors(unet, processor)
     SubsampledAttention(ratio=0.5).setup(unet, None)
     assert all(isinstance(p, SubsampledAttnProcessor) for p in _processors(unet))
+
+
+def test_restore_attention_puts_back_processors_dispatch_backends_and_the_registry(registry):
+    unet, transformer = _unet2d(), tiny_flux().transformer
+    unet_snapshot, transformer_snapshot = snapshot_attention(unet), snapshot_attention(transformer)
+    before = _processors(unet)
+    use_twice_differentiable_attention(unet)
+    transformer.set_attention_backend("_native_math")
+    restore_attention(unet_snapshot)
+    restore_attention(transformer_snapshot)
+    assert _processors(unet) == before
+    assert attention_backends(transformer) == {"sdpa": sum(attention_backends(transformer).values())}

@@ -25,7 +25,7 @@ def tiny_record(tmp_path_factory):
 
 
 def test_tiny_run_times_every_rule_at_batch_one_and_four_on_a_batched_and_a_two_call_pipeline(tiny_record):
-    assert tiny_record["mode"] == "tiny" and not tiny_record["skipped"]
+    assert tiny_record["mode"] == "tiny" and not tiny_record["skipped"] and not tiny_record["errors"]
     for name in ("sdxl", "flux"):
         entry = tiny_record["models"][name]
         assert [block["batch"] for block in entry["blocks"]] == [1, 4]
@@ -62,6 +62,8 @@ def test_cfg_through_the_hook_reproduces_the_untouched_pipeline(tiny_record):
 def test_every_rule_gives_the_same_latents_under_another_attention_kernel(tiny_record):
     for entry in tiny_record["models"].values():
         assert [b["batch"] for b in entry["backends"]] == [1, 4]
+        one_per_rule = gpu_walltime.accuracy_variants(entry["steps"])
+        assert list(entry["backends"][0]["variants"]) == one_per_rule  # compared at the smallest batch
         for backends in entry["backends"]:
             assert set(backends["sdpa_modules"]) == {"sdpa"}
             assert backends["xformers"].startswith("unavailable: ")  # no CUDA here
@@ -99,3 +101,11 @@ def test_report_meets_goals_only_within_their_limits():
     assert "MISSED: sdxl b1 AG@5: |time - NFE saved| 5.0 pts" in missed
     assert "MISSED: sdxl b1 hook overhead at equal NFE +2.00%" in missed
     assert "MISSED: sdxl b1 AG@5: xformers vs SDPA rel. error 5.0e-02" in missed
+
+
+def test_a_run_over_its_budget_skips_what_is_left_and_says_so(tmp_path):
+    record = gpu_walltime.main(
+        ["--tiny", "--budget-s", "0", "--no-section", "--out", str(tmp_path / "r.json")]
+    )
+    assert record["models"] == {} and len(record["skipped"]) == 3
+    assert "Skipped (time budget): sdxl: over the 0 s budget" in gpu_walltime.report(record)

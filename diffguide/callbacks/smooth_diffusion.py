@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from ..attention import use_twice_differentiable_attention
+from ..attention import restore_attention, snapshot_attention, use_twice_differentiable_attention
 from ..smooth import (
     BandedVariationRegularizer,
     VariationRegularizer,
@@ -36,7 +36,8 @@ class SmoothVariation(Callback):
     twice-differentiable implementation (the penalty needs a double backward, which torch's fused
     kernels and xformers lack), with a warning where it replaces a backend the user chose
     (xformers, flash ...); a processor it cannot replace is refused
-    (:func:`diffguide.attention.use_twice_differentiable_attention`).
+    (:func:`diffguide.attention.use_twice_differentiable_attention`). ``on_train_end`` puts the
+    model's own attention back.
     """
 
     def __init__(
@@ -48,8 +49,10 @@ class SmoothVariation(Callback):
             if target_bands == 1
             else BandedVariationRegularizer(target_bands, **kwargs)
         )
+        self._attention = None  # the model's own attention, put back at on_train_end
 
     def setup(self, model: torch.nn.Module, optimizer) -> None:
+        self._attention = snapshot_attention(model)
         chosen = sorted(set(use_twice_differentiable_attention(model)) - {"sdpa", "plain"})
         if chosen:
             warnings.warn(
@@ -57,6 +60,11 @@ class SmoothVariation(Callback):
                 "implementation: its penalty needs a double backward, which those lack",
                 stacklevel=2,
             )
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        if self._attention is not None:
+            restore_attention(self._attention)  # the user's attention again, for sampling
+            self._attention = None
 
     def loss_terms(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
         if self.regularizer.weight == 0:

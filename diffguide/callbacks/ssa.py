@@ -242,8 +242,8 @@ class SubsampledAttention(Callback):
             raise ValueError(
                 f"SubsampledAttention cannot subsample {name!r}: it runs {type(module.processor).__name__} "
                 f"({backend_of(module)}; {len(unsupported)} of {len(modules)} modules alike) and SSA reproduces "
-                "only AttnProcessor / AttnProcessor2_0 / XFormersAttnProcessor; "
-                "call model.set_attn_processor(AttnProcessor2_0()) first"
+                "only AttnProcessor / AttnProcessor2_0 / XFormersAttnProcessor (UNet-style attention), "
+                "and subsampling part of a model would train a different method; leave SSA out for this model"
             )
         if not modules:
             raise ValueError("SubsampledAttention found no diffusers attention module in the model")
