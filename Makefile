@@ -5,14 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT := outputs/compare.png
 
-.PHONY: setup demo test test-all lint app gpu-wheels
+.PHONY: setup demo test test-all test-wheel test-oldest lint app gpu-wheels
 
 setup: $(STAMP)
 
-# Re-running is a no-op until pyproject.toml changes.
-$(STAMP): pyproject.toml
+# Re-running is a no-op until pyproject.toml or constraints.txt changes. The constraints hold the
+# exact versions the project is tested on (the CPU torch wheel on local disk here).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 # The main job: CFG, APG, AG and LinearAG on the same seeds, with NFE, time, judge accuracy, distance
@@ -22,6 +23,14 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The built wheel into a fresh venv holding torch and diffusers: changes neither, runs offline.
+test-wheel: setup
+	.ci/wheel
+
+# The adapter tests on the oldest supported diffusers (.venv-oldest).
+test-oldest:
+	.ci/oldest
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
@@ -38,4 +47,4 @@ lint: setup
 gpu-wheels: setup
 	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-		diffusers==0.42.1 xformers==0.0.35 importlib_metadata
+		$$(grep -m1 '^diffusers==' constraints.txt) $$(grep -m1 '^xformers==' constraints.txt) importlib_metadata

@@ -1,5 +1,6 @@
 """diffguide: diffusion sampling and guidance methods for Hugging Face diffusers pipelines."""
 
+from . import versions  # noqa: I001  (first: it checks the diffusers floor in one line)
 from . import metrics
 from .adapters.calibration import calibrate_linear_ag
 from .adapters.cutoff import cfg_cutoff, cutoff_sigma
@@ -55,5 +56,6 @@ __all__ = [
     "remove",
     "ShortestPathScheduler",
     "stats",
+    "versions",
 ]
 __version__ = "0.1.0"

@@ -13,7 +13,6 @@ import torch
 from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.modular_pipelines import (
     QwenImageAutoBlocks,
-    StableDiffusion3AutoBlocks,
     StableDiffusionXLAutoBlocks,
     Wan22Blocks,
     WanBlocks,
@@ -291,6 +290,11 @@ def _identities(
 
 
 def test_sd3_guider_identities():
+    # diffusers' modular SD3 blocks arrive in 0.39; the supported floor (0.37) has none to guide
+    modular_pipelines = pytest.importorskip("diffusers.modular_pipelines")
+    if not hasattr(modular_pipelines, "StableDiffusion3AutoBlocks"):
+        pytest.skip("diffusers' modular SD3 blocks arrive in 0.39")
+    StableDiffusion3AutoBlocks = modular_pipelines.StableDiffusion3AutoBlocks
     classic = tiny_sd3()
     pipe = modular(StableDiffusion3AutoBlocks(), classic)
     call = {**PROMPTS, "num_inference_steps": 3, "height": 16, "width": 16}

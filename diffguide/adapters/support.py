@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..versions import diffusers_at_least
+
 KINDS = ("batched", "two_call", "refused")
 
 
@@ -60,6 +62,8 @@ class PipelineSupport:
     quirks: tuple[str, ...] = ()
     #: refused: why, and what to do instead
     reason: str = ""
+    #: ``(version, why)``: served only from that diffusers release on (older ones are refused)
+    min_diffusers: tuple[str, str] | None = None
 
     def scale_source(self, component: str) -> str:
         return self.scale.get(component, self.scale.get("*", "attr:_guidance_scale"))
@@ -96,7 +100,14 @@ PIPELINES: dict[str, PipelineSupport] = {
     "PixArtAlphaPipeline": _batched(scale={"*": "call:guidance_scale"}, quirks=("learned sigma kept",)),
     "PixArtSigmaPipeline": _batched(scale={"*": "call:guidance_scale"}, quirks=("learned sigma kept",)),
     "SanaPipeline": _batched(quirks=("timestep x timestep_scale: sigma read from the scheduler",)),
-    "AuraFlowPipeline": _batched(quirks=("transformer gets t/1000: sigma read from the scheduler",)),
+    "AuraFlowPipeline": _batched(
+        quirks=("transformer gets t/1000: sigma read from the scheduler",),
+        min_diffusers=(
+            "0.41",
+            "before it AuraFlow sets no scheduler begin index, so the noise level read from the scheduler "
+            "is off by a step",
+        ),
+    ),
     "HunyuanDiTPipeline": _batched(quirks=("learned sigma kept", "guidance_rescale applied")),
     "LTXPipeline": _batched(quirks=("guidance_rescale applied",)),
     "MochiPipeline": _batched(quirks=("inverted sigmas: reverse-flow prediction",)),
@@ -215,6 +226,12 @@ def support_for(pipe) -> tuple[str, PipelineSupport]:
             continue
         if entry.kind == "refused":
             raise TypeError(f"{type(pipe).__name__} is not supported: {entry.reason}")
+        if entry.min_diffusers is not None and not diffusers_at_least(entry.min_diffusers[0]):
+            version, why = entry.min_diffusers
+            raise TypeError(
+                f"{type(pipe).__name__} needs diffusers>={version} with diffguide ({why}); "
+                f"upgrade with: pip install -U 'diffusers>={version}'"
+            )
         return cls.__name__, entry
     if hasattr(pipe, "blocks") and hasattr(pipe, "update_components"):
         raise TypeError(

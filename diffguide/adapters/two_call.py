@@ -31,6 +31,7 @@ import torch
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..guidance.base import cfg_combine
+from ..versions import cache_context_name
 from .core import DenoiserCall, GuidanceSession, RuleHook, leading, prediction_of, with_prediction
 
 COND_NAMES = ("cond", "pred_cond")
@@ -79,14 +80,14 @@ class TwoCallGuidanceHook(RuleHook):
         return module
 
     def _branch(self, timestep: float) -> str:
-        context = self.context._context
+        context = cache_context_name(self.context)
         if context is not None:
-            if context.name in COND_NAMES:
+            if context in COND_NAMES:
                 return "cond"
-            if context.name in UNCOND_NAMES:
+            if context in UNCOND_NAMES:
                 return "uncond"
             raise RuntimeError(
-                f"{self.session.class_name} called its denoiser under cache_context({context.name!r}), which is "
+                f"{self.session.class_name} called its denoiser under cache_context({context!r}), which is "
                 "neither a conditional nor an unconditional branch; diffguide cannot tell what it guides"
             )
         pending = self.session.pending

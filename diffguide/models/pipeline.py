@@ -37,6 +37,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..versions import forget_child_hooks
+
 OUTPUT_TYPES = ("pil", "np", "pt")
 
 
@@ -198,7 +200,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         # hooks added since the last call are found afresh (only enable_cache refreshes that list).
         context = "cond_uncond" if do_cfg else "cond"
         hooks = HookRegistry.check_if_exists_or_initialize(self.denoiser)
-        hooks.invalidate_child_registries_cache()
+        forget_child_hooks(self.denoiser)
         hooks.reset_stateful_hooks()
 
         with self.progress_bar(total=len(timesteps)) as progress_bar:
