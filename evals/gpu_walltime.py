@@ -59,7 +59,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from report import RESULTS, markdown_table, write_section  # noqa: E402
-from tiny_pipelines import _clip_tokenizer, _t5_tokenizer  # noqa: E402
+from tiny_pipelines import _clip_tokenizer, _t5_encoder, _t5_tokenizer, _vae  # noqa: E402
 
 import diffguide as dg  # noqa: E402
 from diffguide.attention import (  # noqa: E402
@@ -176,27 +176,8 @@ def _clip(hidden: int, projection: int | None = None):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
-def _t5(d_model: int, vocab_size: int):
-    """A one-layer T5 encoder of width ``d_model`` (the denoiser's joint attention width)."""
-    from transformers import T5Config, T5EncoderModel
-
-    config = T5Config(
-        vocab_size=vocab_size, d_model=d_model, d_kv=16, d_ff=64, num_layers=1, num_heads=4,
-        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
-        use_cache=False, dropout_rate=0.0,
-    )  # fmt: skip
-    return T5EncoderModel(config)
-
-
-def _vae(latent_channels: int, **kwargs):
-    """A 4-level AutoencoderKL of 8 channels: the real downsampling factor (8), next to no compute."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=latent_channels, norm_num_groups=4,
-        layers_per_block=1, **kwargs,
-    )  # fmt: skip
+#: the tests' tiny VAE with four 8-channel levels: the real downsampling factor (8), next to no compute
+_VAE_LEVELS = (8, 8, 8, 8)
 
 
 def build_sdxl(config: dict):
@@ -209,7 +190,7 @@ def build_sdxl(config: dict):
         timestep_spacing="leading",
     )  # fmt: skip
     return StableDiffusionXLPipeline(
-        vae=_vae(4, scaling_factor=0.13025),
+        vae=_vae(4, _VAE_LEVELS, scaling_factor=0.13025),
         text_encoder=_clip(first),
         text_encoder_2=_clip(second, projection=second),
         tokenizer=_clip_tokenizer(),
@@ -229,10 +210,10 @@ def build_flux(config: dict):
     )  # fmt: skip
     return FluxPipeline(
         scheduler=scheduler,
-        vae=_vae(config["in_channels"] // 4, use_quant_conv=False, use_post_quant_conv=False),
+        vae=_vae(config["in_channels"] // 4, _VAE_LEVELS, use_quant_conv=False, use_post_quant_conv=False),
         text_encoder=_clip(config["pooled_projection_dim"]),
         tokenizer=_clip_tokenizer(),
-        text_encoder_2=_t5(config["joint_attention_dim"], len(tokenizer_2)),
+        text_encoder_2=_t5_encoder(len(tokenizer_2), config["joint_attention_dim"]),
         tokenizer_2=tokenizer_2,
         transformer=FluxTransformer2DModel(**config),
     )
@@ -247,12 +228,12 @@ def build_sd3(config: dict):
     return StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel(**config),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_vae(16, use_quant_conv=False, use_post_quant_conv=False),
+        vae=_vae(16, _VAE_LEVELS, use_quant_conv=False, use_post_quant_conv=False),
         text_encoder=_clip(first, projection=first),
         tokenizer=_clip_tokenizer(),
         text_encoder_2=_clip(second, projection=second),
         tokenizer_2=_clip_tokenizer(),
-        text_encoder_3=_t5(config["joint_attention_dim"], len(tokenizer_3)),
+        text_encoder_3=_t5_encoder(len(tokenizer_3), config["joint_attention_dim"]),
         tokenizer_3=tokenizer_3,
     )
 
@@ -498,7 +479,7 @@ def enable_xformers(pipe, denoiser: torch.nn.Module) -> str | None:
     try:
         pipe.enable_xformers_memory_efficient_attention()
     except Exception as error:  # ModuleNotFoundError, a CUDA-less machine, a build that fails to load
-        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+        return _error(error)
     backends = attention_backends(denoiser)
     if set(backends) != {"xformers"}:
         return f"enable_xformers_memory_efficient_attention left {backends}"
